@@ -1,0 +1,3 @@
+from conntrack_agent.cli import main
+
+raise SystemExit(main())

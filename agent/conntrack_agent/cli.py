@@ -1,0 +1,292 @@
+"""Command line: run, check, plan, status, restore, evict."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, List, Optional
+
+from . import __version__, config
+
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 78
+
+DESCRIPTION = """\
+Keeps the kernel's conntrack table from filling. Watches the entry count against
+nf_conntrack_max over netlink, with the kernel's drop counters, and applies the
+TOML policy: raise the max (and hash buckets) within a memory ceiling, shorten
+timeouts under pressure and restore them afterwards, evict stale entries.
+"""
+
+EPILOG = """\
+policy files (lowest priority first):
+  /usr/lib/conntrack-agent/policy.toml   vendor defaults (used when /etc has none)
+  /etc/conntrack-agent/policy.toml       the admin's policy
+  {/usr/lib,/etc}/conntrack-agent/policy.d/*.toml   drop-ins, merged in name order
+  With --config PATH: that file, then PATH's directory's policy.d/*.toml.
+
+exit status: 0 success, 1 failure, 78 invalid policy.
+See conntrack-agent(8) and conntrack-agent.toml(5).
+"""
+
+
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", type=Path, metavar="PATH",
+                        help="policy file (default: /etc/conntrack-agent/policy.toml, see below)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="conntrack-agent", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"conntrack-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the agent in the foreground (what the service runs)",
+                         description="Run the agent in the foreground: sample every tick, decide, act, log.",
+                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _config_arg(run)
+    run.add_argument("--dry-run", action="store_true", help="decide and log what it would do, change nothing")
+    run.add_argument("--once", action="store_true", help="take one tick and exit")
+    run.add_argument("--log-format", choices=("auto", "console", "json", "journal"),
+                     help="override the policy's agent.log_format")
+    run.add_argument("--no-dbus", action="store_true", help="do not offer the D-Bus API")
+
+    check = sub.add_parser("check", help="validate the policy and print the effective rules",
+                           description="Validate the policy files; exit 0 when valid, 1 with every error otherwise.")
+    _config_arg(check)
+
+    plan = sub.add_parser("plan", help="evaluate the policy once against the live table; change nothing",
+                          description="Sample the live table twice (to measure the fill rate), evaluate the "
+                                      "policy and print what the agent would do and why. Changes nothing.")
+    _config_arg(plan)
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+
+    status = sub.add_parser("status", help="count, max, usage, buckets, fill rate, time-to-full, drops",
+                            description="Ask the running agent over D-Bus; without one, read the kernel directly.")
+    _config_arg(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--kernel", action="store_true", help="read the kernel even when the agent runs")
+
+    restore = sub.add_parser("restore", help="put back the sysctl values the agent changed",
+                             description="Write back the original values recorded in the state file and "
+                                         "forget them. Values another writer changed since are left alone.")
+    _config_arg(restore)
+    restore.add_argument("--force", action="store_true",
+                         help="restore max even when the table holds more entries than the original allows, "
+                              "and values another writer changed since")
+
+    try:
+        from . import evict_cli
+    except ImportError:
+        evict_cli = None
+    if evict_cli is not None:
+        evict_cli.add_parser(sub, _config_arg)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_FAIL
+    handler = {"run": cmd_run, "check": cmd_check, "plan": cmd_plan, "status": cmd_status,
+               "restore": cmd_restore}.get(args.command)
+    if handler is None:
+        from . import evict_cli
+        handler = evict_cli.cmd_evict
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def _load(args: argparse.Namespace) -> config.Policy:
+    return config.load(args.config)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    files = config.policy_files(args.config)
+    try:
+        policy = _load(args)
+    except config.PolicyError as exc:
+        print(f"policy invalid ({len(exc.problems)} error{'s' if len(exc.problems) != 1 else ''}):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_FAIL
+    print("policy ok: " + (", ".join(str(f) for f in files) or "no files, built-in defaults"))
+    for line in config.describe(policy):
+        print(f"  {line}")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from . import logsetup, service
+
+    try:
+        policy = _load(args)
+    except config.PolicyError as exc:
+        logsetup.configure(args.log_format or "auto")
+        logsetup.emit(logsetup.get_logger(), "policy_invalid", keeping="refusing to start",
+                      error=str(exc), errors=[str(p) for p in exc.problems])
+        return EXIT_CONFIG
+    logsetup.configure(args.log_format or policy.agent.log_format)
+    agent = service.Agent(args.config, args.dry_run, logsetup.get_logger(), initial=policy)
+    notifier = _notifier()
+    if not args.once and not args.no_dbus:
+        try:
+            from . import mainloop
+        except ImportError:
+            mainloop = None
+        if mainloop is not None:
+            return mainloop.run(agent, notifier)
+    return service.run_simple(agent, notifier, once=args.once)
+
+
+def _notifier() -> Any:
+    try:
+        from . import sdnotify
+    except ImportError:
+        return None
+    return sdnotify.Notifier()
+
+
+def _kernel_agent(args: argparse.Namespace, policy: config.Policy) -> Any:
+    """A throw-away Agent that reads the kernel but never acts or writes state."""
+    from . import logsetup, service
+
+    logsetup.configure("json", stream=open(os.devnull, "w"))
+    quiet = replace_state_file(policy)
+    agent = service.Agent(None, True, logsetup.get_logger(), initial=quiet)
+    agent.start()
+    if agent.last_sample is None:
+        return agent
+    time.sleep(max(policy.agent.interval, 0.2))  # a second reading gives the fill rate
+    agent.last_sample = agent.sampler.sample()
+    return agent
+
+
+def replace_state_file(policy: config.Policy) -> config.Policy:
+    # Read-only commands must not create /var/lib/conntrack-agent as a side effect.
+    from dataclasses import replace
+    return replace(policy, agent=replace(policy.agent, state_file=os.devnull + ".conntrack-agent-readonly",
+                                         dry_run=True))
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    try:
+        policy = _load(args)
+    except config.PolicyError as exc:
+        print(f"policy invalid:\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    agent = _kernel_agent(args, policy)
+    if agent.last_sample is None:
+        print(f"conntrack-agent: {agent.status_line()}", file=sys.stderr)
+        return EXIT_FAIL
+    from . import policy as core
+    decisions, _ = core.decide(agent.last_sample, agent.policy, agent.core, agent.env)
+    if args.json:
+        print(json.dumps({"status": agent.snapshot(), "decisions": [d.__dict__ for d in decisions]}, default=str))
+        return EXIT_OK
+    print(agent.status_line())
+    if not decisions:
+        print("nothing to do: no rule's trigger holds")
+    for d in decisions:
+        what = d.describe() if d.is_action else f"notice {d.kind}"
+        print(f"- {d.rule or '(agent)'}: would {what}: {d.reason}")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    snapshot = None
+    if not args.kernel:
+        try:
+            from . import dbus_service
+            snapshot = dbus_service.query_daemon()
+        except Exception:  # the bus, gi or the daemon may be missing: read the kernel instead
+            snapshot = None
+    source = "agent (D-Bus)"
+    if snapshot is None:
+        try:
+            policy = _load(args)
+        except config.PolicyError:
+            policy = config.loads(b"", "<built-in>")
+        agent = _kernel_agent(args, policy)
+        if agent.last_sample is None:
+            print(f"conntrack-agent: {agent.status_line()}", file=sys.stderr)
+            return EXIT_FAIL
+        snapshot = agent.snapshot()
+        sample = agent.last_sample
+        snapshot["drops"] = {k: sample.deltas.get(k, 0) for k in ("drop", "early_drop", "insert_failed")}
+        snapshot["totals"] = {k: v for k, v in agent.sampler.probes[sample.fullest.netns].read(time.monotonic)
+                              .counters.items() if k in ("drop", "early_drop", "insert_failed")}
+        source = "kernel"
+    if args.json:
+        print(json.dumps(dict(snapshot, source=source), default=str))
+        return EXIT_OK
+    ttf = snapshot.get("time_to_full")
+    rows = [
+        ("source", source),
+        ("count", f"{snapshot['count']} / {snapshot['max']} ({snapshot['usage']:.1%})"),
+        ("buckets", snapshot.get("buckets", "?")),
+        ("fill rate", f"{snapshot['fill_rate']:+.1f} entries/s"),
+        ("time to full", "not filling" if ttf is None else f"{ttf:.1f}s"),
+    ]
+    if "totals" in snapshot:
+        rows.append(("drops (total)", ", ".join(f"{k} {v}" for k, v in snapshot["totals"].items())))
+    if snapshot.get("last_decision"):
+        rows.append(("last decision", snapshot["last_decision"]))
+    for key, value in rows:
+        print(f"{key:>14}: {value}")
+    return EXIT_OK
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from . import netns, procfs
+    from .state import StateError, StateFile
+
+    try:
+        policy = _load(args)
+    except config.PolicyError as exc:
+        print(f"policy invalid (needed for the state file path):\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        state = StateFile(policy.agent.state_file).load()
+    except StateError as exc:
+        print(f"conntrack-agent: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    if not state.entries():
+        print(f"nothing to restore ({policy.agent.state_file} records no change)")
+        return EXIT_OK
+    failures = 0
+    for change in state.entries():
+        where = f"{change.name}" + (f" in netns {change.netns}" if change.netns else "")
+        try:
+            with netns.entered(change.netns):
+                current = procfs.read_sysctl(change.name)
+                if current == change.original:
+                    print(f"{where}: already {current}")
+                elif current != change.applied and not args.force:
+                    print(f"{where}: left at {current}: another writer changed it after the agent set "
+                          f"{change.applied} (--force restores {change.original} anyway)")
+                else:
+                    if change.name == "nf_conntrack_max" and not args.force:
+                        count = procfs.read_sysctl("nf_conntrack_count")
+                        if count >= 0.9 * change.original:
+                            print(f"{where}: not lowered to {change.original}: the table holds {count} entries "
+                                  "and new connections would be dropped (--force to do it anyway)")
+                            failures += 1
+                            continue
+                    procfs.write_sysctl(change.name, change.original)
+                    print(f"{where}: {current} -> {change.original}")
+            state.forget(change.netns, change.name)
+        except OSError as exc:
+            print(f"{where}: cannot restore: {exc.strerror or exc}", file=sys.stderr)
+            failures += 1
+    return EXIT_FAIL if failures else EXIT_OK

@@ -1,0 +1,102 @@
+"""structlog configuration: the only module that imports structlog.
+
+One event per decision and per notable condition. `emit` adds the sentence
+(MESSAGE), the priority and the MESSAGE_ID from events.EVENTS, so every sink
+shows the same thing: a terminal gets one readable line, a pipe gets JSON lines,
+and under systemd the journald sink (journald.py) sends the fields natively.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any, Dict, Optional, TextIO
+
+import structlog
+
+from . import events
+
+# syslog priority -> stdlib level that structlog filters on
+_LEVEL = {events.ERR: logging.ERROR, events.WARNING: logging.WARNING,
+          events.NOTICE: logging.INFO, events.INFO: logging.INFO}
+_PRIORITY_NAME = {3: "err", 4: "warning", 5: "notice", 6: "info", 7: "debug"}
+
+# Fields shown on a terminal line after the sentence, in this order.
+_CONSOLE_FIELDS = ("rule", "netns", "count", "max", "usage", "fill_rate", "time_to_full", "drop", "early_drop")
+
+
+def _console_renderer(stream: TextIO):
+    colour = stream.isatty()
+    tint = {3: "\033[31m", 4: "\033[33m", 5: "\033[36m"}
+
+    def render(_logger: Any, _name: str, event: Dict[str, Any]) -> str:
+        priority = event.get("priority", 6)
+        stamp = time.strftime("%H:%M:%S", time.localtime(event.get("ts", time.time())))
+        name = _PRIORITY_NAME.get(priority, "info")
+        level = f"{tint[priority]}{name:<7}\033[0m" if colour and priority in tint else f"{name:<7}"
+        extras = " ".join(f"{k}={_short(event[k])}" for k in _CONSOLE_FIELDS if event.get(k) not in (None, ""))
+        return f"{stamp} {level} {event.get('message', event.get('event'))}" + (f"  [{extras}]" if extras else "")
+    return render
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def _json_renderer(_logger: Any, _name: str, event: Dict[str, Any]) -> str:
+    return json.dumps(event, default=str, separators=(",", ":"))
+
+
+def _stamp(_logger: Any, _name: str, event: Dict[str, Any]) -> Dict[str, Any]:
+    event.setdefault("ts", round(time.time(), 6))
+    return event
+
+
+def configure(log_format: str = "auto", stream: Optional[TextIO] = None, verbose: bool = False) -> str:
+    """Set up the chain; returns the format chosen ("console", "json" or "journal")."""
+    stream = stream or sys.stderr
+    chosen = log_format
+    if log_format in ("auto", "journal"):
+        chosen = "console" if stream.isatty() else "json"
+        try:
+            from . import journald
+        except ImportError:  # pragma: no cover - journald.py ships with the package
+            journald = None
+        if journald is not None and (log_format == "journal" or journald.running_under_journal()):
+            chosen = "journal"
+    if chosen == "journal":
+        from . import journald
+        renderer = journald.journal_processor()
+    elif chosen == "console":
+        renderer = _console_renderer(stream)
+    else:
+        renderer = _json_renderer
+    structlog.configure(
+        processors=[_stamp, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG if verbose else logging.INFO),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=True,
+    )
+    return chosen
+
+
+def get_logger() -> Any:
+    return structlog.get_logger()
+
+
+def emit(log: Any, kind: str, dry_run: bool = False, **fields: Any) -> None:
+    """Log one event of a kind listed in events.EVENTS."""
+    fields["dry_run"] = dry_run
+    if kind in events.PAST:
+        fields.setdefault("verb", events.verb(kind, dry_run))
+    priority = events.priority_of(kind, dry_run)
+    fields["message"] = events.message(kind, fields)
+    fields.pop("verb", None)
+    fields["priority"] = priority
+    if kind in events.EVENTS:
+        fields["message_id"] = events.EVENTS[kind].message_id
+    log.log(_LEVEL.get(priority, logging.INFO), kind, **fields)

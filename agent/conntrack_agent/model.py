@@ -1,0 +1,169 @@
+"""Readings and the arithmetic on them. Pure: no I/O, no clock.
+
+The sampler (a shell module) produces a `Reading` per watched namespace each tick;
+`FillTracker` turns consecutive readings into a fill rate and a time-to-full; a
+`Sample` is one tick's view over all watched namespaces. The kernel checks every
+namespace's own count against the one global nf_conntrack_max, so the pressure
+on the node is that of its fullest namespace.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+COUNTERS = ("found", "invalid", "insert", "insert_failed", "drop", "early_drop", "error",
+            "search_restart", "clash_resolve", "chaintoolong")
+
+
+@dataclass(frozen=True)
+class Reading:
+    """Raw values read from the kernel for one namespace at one instant."""
+
+    netns: str
+    time: float               # monotonic seconds
+    count: int
+    max: int
+    buckets: int
+    counters: Dict[str, int]  # cumulative, summed over CPUs
+
+
+@dataclass(frozen=True)
+class NamespaceView:
+    netns: str
+    count: int
+    usage: float
+    fill_rate: float                  # entries per second, EWMA of the slope
+    time_to_full: Optional[float]     # seconds; None while not filling
+    deltas: Dict[str, int]            # counter increases since the previous tick
+
+
+@dataclass(frozen=True)
+class Sample:
+    time: float
+    max: int
+    buckets: int
+    namespaces: Tuple[NamespaceView, ...]
+    deltas: Dict[str, int] = field(default_factory=dict)  # summed over namespaces
+
+    @property
+    def fullest(self) -> NamespaceView:
+        return max(self.namespaces, key=lambda ns: ns.count)
+
+    @property
+    def soonest(self) -> NamespaceView:
+        """The namespace predicted to fill first (the fullest when none is filling)."""
+        filling = [ns for ns in self.namespaces if ns.time_to_full is not None]
+        if not filling:
+            return self.fullest
+        return min(filling, key=lambda ns: ns.time_to_full)
+
+    @property
+    def count(self) -> int:
+        return self.fullest.count
+
+    @property
+    def usage(self) -> float:
+        return self.fullest.usage
+
+    @property
+    def fill_rate(self) -> float:
+        return self.soonest.fill_rate
+
+    @property
+    def time_to_full(self) -> Optional[float]:
+        return self.soonest.time_to_full
+
+    def busiest_dropper(self, counters: Tuple[str, ...]) -> NamespaceView:
+        return max(self.namespaces, key=lambda ns: sum(ns.deltas.get(c, 0) for c in counters))
+
+
+def usage_of(count: int, maximum: int) -> float:
+    return count / maximum if maximum > 0 else 1.0
+
+
+def time_to_full(count: int, maximum: int, fill_rate: float) -> Optional[float]:
+    if fill_rate <= 0:
+        return None
+    return max(0.0, (maximum - count) / fill_rate)
+
+
+@dataclass
+class _Previous:
+    time: float
+    count: int
+    rate: float
+    counters: Dict[str, int]
+
+
+class FillTracker:
+    """EWMA of each namespace's count slope over irregular tick intervals.
+
+    alpha = 1 - exp(-dt / window) weighs a reading by the time it covers, so the
+    estimate means the same at a 250 ms calm tick and a 50 ms fast tick, and an
+    extra reading taken just before acting (dt ~ 0) barely moves it.
+    """
+
+    def __init__(self, window: float):
+        self.window = window
+        self._previous: Dict[str, _Previous] = {}
+
+    def forget(self, netns: str) -> None:
+        self._previous.pop(netns, None)
+
+    def update(self, reading: Reading) -> NamespaceView:
+        previous = self._previous.get(reading.netns)
+        if previous is None or reading.time <= previous.time:
+            rate = previous.rate if previous else 0.0
+            deltas = {name: 0 for name in reading.counters}
+        else:
+            dt = reading.time - previous.time
+            slope = (reading.count - previous.count) / dt
+            alpha = 1.0 - math.exp(-dt / self.window)
+            rate = previous.rate + alpha * (slope - previous.rate)
+            # A counter that went backwards was reset (module reloaded): count from zero.
+            deltas = {}
+            for name, value in reading.counters.items():
+                before = previous.counters.get(name, value)
+                deltas[name] = value - before if value >= before else value
+        self._previous[reading.netns] = _Previous(reading.time, reading.count, rate, dict(reading.counters))
+        return NamespaceView(
+            netns=reading.netns,
+            count=reading.count,
+            usage=usage_of(reading.count, reading.max),
+            fill_rate=rate,
+            time_to_full=time_to_full(reading.count, reading.max, rate),
+            deltas=deltas,
+        )
+
+
+def combine(readings: Tuple[Reading, ...], views: Tuple[NamespaceView, ...]) -> Sample:
+    # max and buckets are global: the freshest reading has the current values.
+    latest = max(readings, key=lambda r: r.time)
+    total: Dict[str, int] = {}
+    for view in views:
+        for name, value in view.deltas.items():
+            total[name] = total.get(name, 0) + value
+    return Sample(time=latest.time, max=latest.max, buckets=latest.buckets, namespaces=views, deltas=total)
+
+
+# ----------------------------------------------------------------------------- memory
+
+# Used when /proc/slabinfo cannot be read (it is root-only; the service runs without
+# CAP_DAC_READ_SEARCH): the nf_conntrack slab object measured on 6.1-6.18 x86_64.
+DEFAULT_ENTRY_BYTES = 256
+# Per entry on top of the slab object: conntrack extensions (acct, timestamp, labels,
+# NAT, helper: up to ~120 bytes in their own allocation) rounded up to 128.
+DEFAULT_OVERHEAD_BYTES = 128
+BUCKET_BYTES = 8  # one hlist_nulls_head pointer per hash bucket
+
+
+def bytes_per_entry(entry_bytes: int, overhead_bytes: int, buckets_ratio: float) -> float:
+    return entry_bytes + overhead_bytes + BUCKET_BYTES / buckets_ratio
+
+
+def memory_ceiling(mem_total: int, share: float, entry_bytes: int, overhead_bytes: int,
+                   buckets_ratio: float) -> int:
+    """The most entries `share` of RAM can hold, hash buckets included."""
+    return int(mem_total * share // bytes_per_entry(entry_bytes, overhead_bytes, buckets_ratio))

@@ -1,0 +1,105 @@
+"""Reads each watched namespace every tick and turns the readings into a Sample.
+
+Per namespace, opened once inside it: a ctnetlink socket (count and max in one
+~5 µs request, the per-CPU counters in one dump) and the buckets sysctl. Where
+ctnetlink cannot be used, the /proc files stand in (count, max, and the per-CPU
+counters from /proc/net/stat/nf_conntrack at ~18 µs).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+from . import ctnetlink, model, netns, procfs
+
+
+class NamespaceProbe:
+    def __init__(self, name: str):
+        self.name = name
+        self.source = "ctnetlink"
+        self._sock: Optional[ctnetlink.CtnetlinkSocket] = None
+        self._count = self._max = None
+        self._stat: Optional[procfs.StatFile] = None
+        with netns.entered(name):
+            if not procfs.conntrack_loaded():
+                raise procfs.ConntrackMissing(2, "nf_conntrack is not loaded", procfs.sysctl_path("nf_conntrack_count"))
+            self._buckets = procfs.IntFile(procfs.sysctl_path("nf_conntrack_buckets"))
+            try:
+                self._sock = ctnetlink.CtnetlinkSocket()
+                self._sock.stats()
+            except OSError as exc:
+                self.fallback_reason = str(exc)
+                if self._sock is not None:
+                    self._sock.close()
+                self._sock = None
+                self.source = "procfs"
+                self._count = procfs.IntFile(procfs.sysctl_path("nf_conntrack_count"))
+                self._max = procfs.IntFile(procfs.sysctl_path("nf_conntrack_max"))
+                self._stat = procfs.StatFile()
+
+    def read(self, now: Callable[[], float]) -> model.Reading:
+        if self._sock is not None:
+            count, maximum = self._sock.stats()
+            counters = self._sock.cpu_stats()
+        else:
+            count, maximum = self._count.read(), self._max.read()
+            counters = self._stat.read()
+        return model.Reading(self.name, now(), count, maximum, self._buckets.read(), counters)
+
+    def close(self) -> None:
+        for handle in (self._sock, self._count, self._max, self._stat, self._buckets):
+            if handle is not None:
+                handle.close()
+
+
+class Sampler:
+    """All watched namespaces. `sample()` returns None while none can be read."""
+
+    def __init__(self, namespaces: Tuple[str, ...], window: float, clock: Callable[[], float] = time.monotonic):
+        self.namespaces = namespaces or ("",)
+        self.clock = clock
+        self.tracker = model.FillTracker(window)
+        self.probes: Dict[str, NamespaceProbe] = {}
+        self.unavailable: Dict[str, str] = {}   # namespace -> why, for the log
+
+    def open_missing(self) -> Tuple[List[str], Dict[str, str]]:
+        """(Re)try the namespaces not open yet. Returns (newly opened, newly failed)."""
+        opened, failed = [], {}
+        for name in self.namespaces:
+            if name in self.probes:
+                continue
+            try:
+                self.probes[name] = NamespaceProbe(name)
+                self.unavailable.pop(name, None)
+                opened.append(name)
+            except OSError as exc:
+                why = exc.strerror or str(exc)
+                if self.unavailable.get(name) != why:
+                    failed[name] = why
+                self.unavailable[name] = why
+        return opened, failed
+
+    def sample(self) -> Optional[model.Sample]:
+        readings, views = [], []
+        for name, probe in list(self.probes.items()):
+            try:
+                reading = probe.read(self.clock)
+            except OSError as exc:
+                # The module was unloaded or the namespace deleted: drop the probe
+                # and let open_missing() find it again.
+                probe.close()
+                del self.probes[name]
+                self.tracker.forget(name)
+                self.unavailable[name] = exc.strerror or str(exc)
+                continue
+            readings.append(reading)
+            views.append(self.tracker.update(reading))
+        if not readings:
+            return None
+        return model.combine(tuple(readings), tuple(views))
+
+    def close(self) -> None:
+        for probe in self.probes.values():
+            probe.close()
+        self.probes.clear()
