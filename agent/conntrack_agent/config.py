@@ -351,11 +351,11 @@ DEFAULT_RULES: Tuple[Rule, ...] = (
         cooldown=30.0,
         trigger=Trigger(match="any", usage_at_least=0.9, sustained=5.0, counters_increasing=("drop",)),
         set_timeouts=SetTimeouts(
-            values=(
-                ("tcp_timeout_established", 3600.0),
-                ("tcp_timeout_time_wait", 30.0),
+            values=(  # sorted by name, as merged policies hold them
                 ("tcp_timeout_close_wait", 30.0),
+                ("tcp_timeout_established", 3600.0),
                 ("tcp_timeout_fin_wait", 30.0),
+                ("tcp_timeout_time_wait", 30.0),
                 ("udp_timeout", 10.0),
                 ("udp_timeout_stream", 60.0),
             ),

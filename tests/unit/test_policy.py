@@ -1,0 +1,378 @@
+"""The decision core on synthetic samples: storms, cooldowns, hysteresis, ceilings."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import pytest
+
+from conntrack_agent import config, model, policy
+from conntrack_agent.config import Policy, Rule, Trigger
+from conntrack_agent.policy import Decision, Environment, State, decide
+
+GiB = 1 << 30
+ENV = Environment(mem_total=16 * GiB, entry_bytes=256)
+
+
+class Table:
+    """A fake kernel table: feeds readings through the real FillTracker."""
+
+    def __init__(self, maximum: int, buckets: Optional[int] = None, window: float = 0.5, netns: str = ""):
+        self.max = maximum
+        self.buckets = buckets or maximum
+        self.netns = netns
+        self.tracker = model.FillTracker(window)
+        self.counters: Dict[str, int] = {"drop": 0, "early_drop": 0, "insert_failed": 0}
+
+    def sample(self, t: float, count: int, **bumps: int) -> model.Sample:
+        for name, n in bumps.items():
+            self.counters[name] += n
+        reading = model.Reading(self.netns, t, count, self.max, self.buckets, dict(self.counters))
+        return model.combine((reading,), (self.tracker.update(reading),))
+
+
+def run(pol: Policy, samples: Sequence[model.Sample], state: Optional[State] = None, env: Environment = ENV,
+        apply: Optional[Table] = None) -> Tuple[List[Tuple[float, Decision]], State]:
+    """Decide on each sample; with `apply`, actions change the fake table like the executor would."""
+    state = state or State()
+    out = []
+    for sample in samples:
+        decisions, state = decide(sample, pol, state, env)
+        for d in decisions:
+            out.append((sample.time, d))
+            applied = apply is not None and d.is_action and not d.dry_run
+            state = policy.after_outcome(state, d, applied=applied, lost_capability=False)
+            if apply is not None and d.kind in ("raise_max", "restore_max") and not d.dry_run:
+                apply.max = d.new
+            if apply is not None and d.kind == "resize_buckets" and not d.dry_run:
+                apply.buckets = d.new
+    return out, state
+
+
+def only(rule: Rule, **agent) -> Policy:
+    return Policy(agent=replace(config.AgentSettings(), **agent), rules=(rule,))
+
+
+GROW_THRESHOLD = Rule(name="t", action="raise_max", cooldown=1.0, trigger=Trigger(usage_at_least=0.75))
+DEFAULT = config.loads(b"")
+
+
+def ramp(table: Table, start: float, end: float, seconds: float, tick: float, t0: float = 0.0):
+    """Count rising linearly from start to end (fractions of the table's max at t0)."""
+    maximum = table.max
+    steps = int(seconds / tick)
+    for i in range(steps + 1):
+        yield t0 + i * tick, int(maximum * (start + (end - start) * i / steps))
+
+
+# ---------------------------------------------------------------------------- storms
+
+
+def test_predictive_trigger_fires_before_the_threshold_in_a_storm():
+    """Half to full in two seconds: the default policy acts while usage is still under 75%."""
+    table = Table(100_000)
+    samples = [table.sample(0.0, 50_000), table.sample(0.25, 50_000)]  # calm, then the storm starts
+    fired = None
+    for t, count in ramp(table, 0.5, 1.0, 2.0, 0.05, t0=0.5):
+        sample = table.sample(t, count)
+        decisions, _ = decide(sample, DEFAULT, State(), ENV)
+        if any(d.kind == "raise_max" for d in decisions):
+            fired = sample
+            break
+    assert fired is not None
+    assert fired.usage < 0.75, f"fired only at {fired.usage:.1%}"
+    decision = next(d for d in decide(fired, DEFAULT, State(), ENV)[0] if d.kind == "raise_max")
+    assert "predicted full" in decision.reason and decision.rule == "grow-table"
+    assert samples  # the calm samples seeded the tracker
+
+
+def test_threshold_only_policy_waits_for_the_threshold():
+    table = Table(100_000)
+    pol = only(GROW_THRESHOLD)
+    first = None
+    for t, count in ramp(table, 0.5, 1.0, 2.0, 0.05):
+        decisions, _ = decide(table.sample(t, count), pol, State(), ENV)
+        if decisions:
+            first = count / table.max
+            break
+    assert first is not None and first >= 0.75
+
+
+def test_storm_with_growth_never_reaches_full():
+    """Applying the raises as the executor would: the table never fills."""
+    table = Table(100_000)
+    peak = 0.0
+    state = State()
+    count = 50_000.0
+    t = 0.0
+    while t < 4.0:
+        count += 25_000 * 0.05                      # +25k entries/s against an initial max of 100k
+        sample = table.sample(t, int(count))
+        peak = max(peak, sample.usage)
+        decisions, state = decide(sample, DEFAULT, state, ENV)
+        for d in decisions:
+            state = policy.after_outcome(state, d, True, False)
+            if d.kind == "raise_max":
+                table.max = d.new
+        t += policy.next_interval(sample, DEFAULT, state)
+    assert peak < 0.9
+    assert table.max > 100_000
+
+
+def test_fast_tick_while_filling_calm_tick_when_idle():
+    table = Table(100_000)
+    idle = table.sample(0.0, 1000)
+    idle = table.sample(0.25, 1000)
+    assert policy.next_interval(idle, DEFAULT, State()) == DEFAULT.agent.interval
+    busy = table.sample(0.5, 60_000)
+    assert policy.next_interval(busy, DEFAULT, State()) == DEFAULT.agent.fast_interval
+
+
+# ---------------------------------------------------------------------------- triggers
+
+
+def test_sustained_duration_and_samples():
+    rule = Rule(name="s", action="raise_max", cooldown=0,
+                trigger=Trigger(usage_at_least=0.8, sustained=1.0, sustained_samples=3))
+    table = Table(1000)
+    fired_at = [t for t, d in run(only(rule), [table.sample(i * 0.25, 900) for i in range(8)])[0]]
+    assert fired_at[0] == 1.0  # held for 1s (and >= 3 samples) since t=0
+
+
+def test_a_dip_resets_sustained():
+    rule = Rule(name="s", action="raise_max", cooldown=0, trigger=Trigger(usage_at_least=0.8, sustained=1.0))
+    table = Table(1000)
+    counts = [900, 900, 900, 500, 900, 900, 900, 900, 900]
+    fired = run(only(rule), [table.sample(i * 0.25, c) for i, c in enumerate(counts)])[0]
+    assert [t for t, _ in fired][0] == 2.0  # the dip at 0.75 restarted the clock at 1.0
+
+
+def test_drop_counters_trigger_and_name_the_namespace():
+    rule = Rule(name="d", action="raise_max", trigger=Trigger(counters_increasing=("drop",)))
+    table = Table(1000, netns="web")
+    samples = [table.sample(0, 10), table.sample(0.25, 10), table.sample(0.5, 10, drop=7)]
+    fired = run(only(rule), samples)[0]
+    assert len(fired) == 1
+    _, decision = fired[0]
+    assert "drop +7" in decision.reason and decision.netns == "web"
+
+
+def test_match_all_needs_every_condition():
+    rule = Rule(name="a", action="raise_max", cooldown=0,
+                trigger=Trigger(match="all", usage_at_least=0.5, counters_increasing=("drop",)))
+    table = Table(1000)
+    fired = run(only(rule), [table.sample(0, 600), table.sample(0.25, 600), table.sample(0.5, 600, drop=1),
+                             table.sample(0.75, 100, drop=1)])[0]
+    assert [t for t, _ in fired] == [0.5]
+
+
+def test_fullest_namespace_counts():
+    a, b = Table(1000, netns="a"), Table(1000, netns="b")
+    ra = model.Reading("a", 1.0, 100, 1000, 1000, {})
+    rb = model.Reading("b", 1.0, 800, 1000, 1000, {})
+    sample = model.combine((ra, rb), (a.tracker.update(ra), b.tracker.update(rb)))
+    decisions, _ = decide(sample, only(GROW_THRESHOLD), State(), ENV)
+    assert decisions[0].netns == "b" and "netns b" in decisions[0].reason
+
+
+# ---------------------------------------------------------------------------- raise_max
+
+
+def test_cooldown_limits_actions():
+    table = Table(1000)
+    samples = [table.sample(i * 0.1, 990) for i in range(25)]  # 2.4s of constant high usage
+    fired = run(only(GROW_THRESHOLD), samples)[0]
+    assert [round(t, 1) for t, _ in fired] == [0.0, 1.0, 2.0]
+
+
+def test_raise_is_capped_by_the_absolute_ceiling():
+    pol = replace(only(GROW_THRESHOLD), limits=replace(config.Limits(), max_ceiling=1500))
+    table = Table(1000)
+    (t, d), = run(pol, [table.sample(0, 900)])[0]
+    assert (d.old, d.new) == (1000, 1500) and "limits.max_ceiling" in d.reason
+
+
+def test_raise_is_capped_by_the_memory_budget():
+    env = Environment(mem_total=64 << 20, entry_bytes=256)   # 64 MiB node, 5%: 3.2 MiB / 392 B
+    expected = model.memory_ceiling(64 << 20, 0.05, 256, 128, 1.0)
+    table = Table(6000)
+    (t, d), = run(only(GROW_THRESHOLD), [table.sample(0, 5000)], env=env)[0]
+    assert d.new == expected and expected < 12000 and "memory budget" in d.reason
+
+
+def test_entry_bytes_override_from_policy():
+    pol = replace(only(GROW_THRESHOLD), limits=replace(config.Limits(), entry_bytes=1000, memory_share=0.01))
+    env = Environment(mem_total=GiB, entry_bytes=256)
+    limit, _ = policy.ceiling(pol, GROW_THRESHOLD, env)
+    assert limit == int(GiB * 0.01 // (1000 + 128 + 8))
+
+
+def test_at_ceiling_gives_one_notice_per_episode():
+    pol = replace(only(GROW_THRESHOLD), limits=replace(config.Limits(), max_ceiling=1024))
+    table = Table(1024)
+    fired = run(pol, [table.sample(i * 1.0, 1000) for i in range(5)])[0]
+    assert [d.kind for _, d in fired] == ["max_at_ceiling"]
+    assert not fired[0][1].is_action
+
+
+def test_raise_only_never_lowers_and_never_goes_below_count():
+    pol = replace(only(replace(GROW_THRESHOLD, raise_max=config.RaiseMax(factor=1.1))),
+                  limits=replace(config.Limits(), max_ceiling=1024))
+    table = Table(2000)
+    fired = run(pol, [table.sample(0, 1900)])[0]
+    assert [d.kind for _, d in fired] == ["max_at_ceiling"]   # ceiling below current max: no lowering
+
+
+def test_step_growth():
+    rule = replace(GROW_THRESHOLD, raise_max=config.RaiseMax(factor=1.0, step=5000))
+    table = Table(10_000)
+    (t, d), = run(only(rule), [table.sample(0, 9000)])[0]
+    assert d.new == 15_000
+
+
+def test_action_cap_per_tick():
+    rules = tuple(replace(GROW_THRESHOLD, name=f"r{i}") for i in range(3))
+    pol = Policy(agent=replace(config.AgentSettings(), max_actions_per_tick=2), rules=rules)
+    table = Table(1000)
+    fired = run(pol, [table.sample(0, 900)])[0]
+    assert len([d for _, d in fired if d.is_action]) == 2
+
+
+def test_lost_capability_is_not_proposed():
+    table = Table(1000)
+    fired = run(only(GROW_THRESHOLD), [table.sample(0, 900)], state=State(lost=frozenset({"max"})))[0]
+    assert fired == []
+
+
+def test_buckets_follow_the_owned_max_with_their_own_cooldown():
+    rule = replace(GROW_THRESHOLD, cooldown=0.0, raise_max=config.RaiseMax(buckets_ratio=2.0, buckets_cooldown=10.0))
+    table = Table(1000, buckets=500)
+    fired = run(only(rule, max_actions_per_tick=4), (table.sample(i, int(table.max * 0.9)) for i in range(4)),
+                apply=table)[0]
+    kinds = [(t, d.kind, d.new) for t, d in fired]
+    assert [k for k in kinds if k[1] == "raise_max"] == [(0, "raise_max", 2000), (1, "raise_max", 4000),
+                                                         (2, "raise_max", 8000), (3, "raise_max", 16000)]
+    resizes = [k for k in kinds if k[1] == "resize_buckets"]
+    # Buckets follow the max the agent owns from the next tick; later raises wait for the 10s cooldown.
+    assert resizes == [(1, "resize_buckets", 1000)]
+
+
+def test_buckets_untouched_when_the_agent_owns_no_max():
+    """kube-proxy's max = 4 × buckets is not the agent's business until it raises max."""
+    rule = replace(GROW_THRESHOLD, raise_max=config.RaiseMax(buckets_ratio=1.0))
+    table = Table(4000, buckets=1000)
+    assert run(only(rule), [table.sample(0, 10)])[0] == []
+
+
+# ---------------------------------------------------------------------------- external writers
+
+
+def test_external_change_backs_off_by_default():
+    table = Table(5000)
+    state = State(owned_max=8000)
+    fired, state = run(only(GROW_THRESHOLD), [table.sample(0, 10)], state=state)
+    assert [d.kind for _, d in fired] == ["external_change"]
+    assert "8000 to 5000" in fired[0][1].reason and state.owned_max is None
+
+
+def test_external_change_reasserted_when_asked():
+    table = Table(5000, buckets=8000)
+    pol = only(GROW_THRESHOLD, on_external_change="reassert")
+    fired, state = run(pol, [table.sample(0, 10)], state=State(owned_max=8000))
+    assert [(d.kind, d.new) for _, d in fired] == [("external_change", 5000), ("raise_max", 8000)]
+    assert state.owned_max == 8000
+
+
+# ---------------------------------------------------------------------------- timeouts
+
+
+TIMEOUTS = Rule(name="to", action="set_timeouts", cooldown=1.0,
+                trigger=Trigger(usage_at_least=0.9),
+                set_timeouts=config.SetTimeouts(values=(("udp_timeout", 10.0),), restore_after=60.0,
+                                                restore_below=0.6))
+
+
+def test_timeouts_set_once_then_restored_after_calm_hysteresis():
+    table = Table(1000)
+    samples = [table.sample(0, 950), table.sample(5, 950),      # pressure: set once
+               table.sample(10, 500), table.sample(40, 500),    # calm for 30s
+               table.sample(45, 700),                           # a blip above restore_below resets calm
+               table.sample(50, 500), table.sample(100, 500), table.sample(110, 500)]
+    fired = run(only(TIMEOUTS), samples)[0]
+    assert [(t, d.kind) for t, d in fired] == [(0, "set_timeouts"), (110, "restore_timeouts")]
+    assert fired[0][1].timeouts == (("udp_timeout", 10.0),)
+
+
+def test_drops_keep_timeouts_shortened():
+    table = Table(1000)
+    samples = [table.sample(0, 950), table.sample(10, 100), table.sample(100, 100, drop=3),
+               table.sample(150, 100)]
+    fired = run(only(TIMEOUTS), samples)[0]
+    assert [d.kind for _, d in fired] == ["set_timeouts"]  # drops at 100 restarted the calm clock
+
+
+def test_max_restored_only_when_not_raise_only():
+    rule = replace(GROW_THRESHOLD, raise_max=config.RaiseMax(raise_only=False, restore_after=10.0,
+                                                             restore_below=0.5))
+    env = replace(ENV, originals={"nf_conntrack_max": 1000})
+    table = Table(1000)
+    fired = run(only(rule), (table.sample(t, c) for t, c in ((0, 900), (5, 100), (16, 100))),
+                env=env, apply=table)[0]
+    assert [(d.kind, d.old, d.new) for _, d in fired if d.kind != "resize_buckets"] == [
+        ("raise_max", 1000, 2000), ("restore_max", 2000, 1000)]
+    table2 = Table(1000)
+    fired = run(only(GROW_THRESHOLD), (table2.sample(t, c) for t, c in ((0, 900), (5, 100), (16, 100))),
+                env=env, apply=table2)[0]
+    assert [d.kind for _, d in fired if d.kind != "resize_buckets"] == ["raise_max"]
+
+
+# ---------------------------------------------------------------------------- dry run
+
+
+@pytest.mark.parametrize("global_dry", [True, False])
+def test_dry_run_makes_the_same_decisions(global_dry):
+    table_a, table_b = Table(100_000), Table(100_000)
+    real = DEFAULT
+    dry = replace(DEFAULT, agent=replace(DEFAULT.agent, dry_run=True)) if global_dry else \
+        replace(DEFAULT, rules=tuple(replace(r, dry_run=True) for r in DEFAULT.rules))
+    counts = [50_000, 50_000, 60_000, 70_000, 80_000, 92_000, 95_000, 99_000]
+    # The kernel is left as it is in both runs: the same readings must give the same decisions.
+    real_out = run(real, [table_a.sample(i * 0.25, c, drop=1 if i == 6 else 0) for i, c in enumerate(counts)])[0]
+    dry_out = run(dry, [table_b.sample(i * 0.25, c, drop=1 if i == 6 else 0) for i, c in enumerate(counts)])[0]
+    strip = [(t, replace(d, dry_run=False)) for t, d in dry_out]
+    assert strip == real_out and real_out
+    assert all(d.dry_run for _, d in dry_out)
+
+
+def test_decisions_name_rule_and_reason():
+    table = Table(1000)
+    fired = run(DEFAULT, [table.sample(0, 800)])[0]
+    for _, d in fired:
+        assert d.rule and d.reason
+
+
+# ---------------------------------------------------------------------------- model
+
+
+def test_fill_rate_ewma_and_time_to_full():
+    tracker = model.FillTracker(window=0.5)
+    view = None
+    for i in range(40):  # 1000 entries/s for 2s
+        view = tracker.update(model.Reading("", i * 0.05, 1000 + 50 * i, 100_000, 100_000, {}))
+    assert view.fill_rate == pytest.approx(1000, rel=0.05)
+    assert view.time_to_full == pytest.approx((100_000 - view.count) / view.fill_rate)
+
+
+def test_counter_reset_counts_from_zero():
+    tracker = model.FillTracker(window=0.5)
+    tracker.update(model.Reading("", 0, 0, 10, 10, {"drop": 100}))
+    view = tracker.update(model.Reading("", 1, 0, 10, 10, {"drop": 3}))
+    assert view.deltas["drop"] == 3
+
+
+def test_emptying_table_has_no_time_to_full():
+    tracker = model.FillTracker(window=0.5)
+    tracker.update(model.Reading("", 0, 1000, 2000, 2000, {}))
+    view = tracker.update(model.Reading("", 1, 500, 2000, 2000, {}))
+    assert view.fill_rate < 0 and view.time_to_full is None
