@@ -1,0 +1,371 @@
+"""The agent against the real kernel: sampler, executor, degradation, end to end.
+
+Every entry here is real, made in namespaces these tests create; global values
+(nf_conntrack_max, buckets) are restored on the way out, also on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+from conntrack_agent import config, logsetup, procfs, sampler
+from conntrack_agent.executor import Executor
+from conntrack_agent.policy import Decision
+from conntrack_agent.state import StateFile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import rig  # noqa: E402
+
+pytestmark = pytest.mark.kernel
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _root():
+    rig.require_root()
+    rig.require_tools()
+
+
+@pytest.fixture
+def ns():
+    with rig.Namespace() as namespace:
+        yield namespace
+
+
+class ListLogger:
+    """Collects emitted events (kind + fields) the way structlog would pass them on."""
+
+    def __init__(self):
+        self.events: List[Dict] = []
+
+    def log(self, level, event, **fields):
+        self.events.append(dict(fields, event=event, level=level))
+
+    def kinds(self):
+        return [e["event"] for e in self.events]
+
+
+def ns_sysctl(ns: rig.Namespace, name: str) -> int:
+    return int(ns.run(["cat", procfs.sysctl_path(name)]).stdout)
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+def test_sampler_count_matches_conntrack_in_a_namespace(ns):
+    rig.flood_udp(ns, 3000)
+    rig.flood_udp(ns, 1000, family=6)
+    s = sampler.Sampler((ns.name,), window=0.5)
+    opened, failed = s.open_missing()
+    assert opened == [ns.name] and failed == {}
+    assert s.probes[ns.name].source == "ctnetlink"
+    sample = s.sample()
+    s.close()
+    expected = rig.conntrack_count(ns)
+    assert expected >= 4000
+    assert sample.count == expected
+    assert sample.max == procfs.read_sysctl("nf_conntrack_max")
+    assert sample.buckets == procfs.read_sysctl("nf_conntrack_buckets")
+    assert sample.fullest.netns == ns.name
+
+
+def test_procfs_fallback_reads_the_same(ns, monkeypatch):
+    rig.flood_udp(ns, 2000)
+
+    def refuse(*_a, **_k):
+        raise OSError(93, "Protocol not supported")
+
+    monkeypatch.setattr(sampler.ctnetlink, "CtnetlinkSocket", refuse)
+    s = sampler.Sampler((ns.name,), window=0.5)
+    s.open_missing()
+    assert s.probes[ns.name].source == "procfs"
+    sample = s.sample()
+    s.close()
+    assert sample.count == rig.conntrack_count(ns)
+    assert "drop" in sample.deltas and "early_drop" in sample.deltas
+
+
+def test_fill_rate_follows_a_real_flood(ns):
+    s = sampler.Sampler((ns.name,), window=0.2)
+    s.open_missing()
+    s.sample()
+    rig.flood_udp(ns, 5000)
+    time.sleep(0.05)
+    sample = s.sample()
+    s.close()
+    assert sample.fill_rate > 0 and sample.time_to_full is not None
+
+
+def test_missing_namespace_is_never_created():
+    s = sampler.Sampler(("ctatest-does-not-exist",), window=0.5)
+    opened, failed = s.open_missing()
+    assert opened == [] and "ctatest-does-not-exist" in failed
+    assert s.sample() is None
+    assert not os.path.exists("/run/netns/ctatest-does-not-exist")
+    # asking again does not report the same failure twice
+    assert s.open_missing() == ([], {})
+
+
+def test_drop_and_early_drop_deltas_when_a_namespace_overfills():
+    with rig.Namespace() as assured_ns, rig.Namespace() as unreplied_ns, rig.saved_global_sysctls():
+        rig.make_time_wait(assured_ns, 300)                  # assured: early_drop never evicts them
+        rig.flood_udp(unreplied_ns, 600)                      # unreplied: early_drop's prey
+        s = sampler.Sampler((assured_ns.name, unreplied_ns.name), window=0.5)
+        s.open_missing()
+        s.sample()
+        rig.write_sysctl("nf_conntrack_max", 250)             # both namespaces are now over the max
+        # early_drop scans only a few buckets next to the new entry's: a dense table lets it find prey.
+        rig.write_sysctl("nf_conntrack_buckets", 64)
+        rig.flood_udp(assured_ns, 100, ports=(30000, 30099))  # nothing evictable: dropped
+        rig.flood_udp(unreplied_ns, 100, ports=(31000, 31099))  # evicts unreplied entries
+        sample = s.sample()
+        s.close()
+    views = {v.netns: v for v in sample.namespaces}
+    assert views[assured_ns.name].deltas["drop"] >= 90
+    assert views[unreplied_ns.name].deltas["early_drop"] >= 50
+    assert sample.deltas["drop"] >= 90
+
+
+# ---------------------------------------------------------------------------- acting
+
+
+def executor_for(tmp_path, namespaces=()):
+    log = ListLogger()
+    state = StateFile(str(tmp_path / "state.json")).load()
+    return Executor(log, state, tuple(namespaces)), log, state
+
+
+def sample_now(namespaces=()):
+    s = sampler.Sampler(tuple(namespaces), window=0.5)
+    s.open_missing()
+    sample = s.sample()
+    s.close()
+    return sample
+
+
+def test_timeouts_set_and_restored_inside_the_namespace(ns, tmp_path):
+    host_before = procfs.read_sysctl("nf_conntrack_udp_timeout")
+    original = ns_sysctl(ns, "nf_conntrack_udp_timeout")
+    executor, log, state = executor_for(tmp_path, [ns.name])
+    policy = config.loads(b"")
+    values = (("udp_timeout", 7.0), ("tcp_timeout_time_wait", 9999.0))   # the second would lengthen: skipped
+    set_it = Decision("set_timeouts", "shorten-timeouts", "test", ns.name, timeouts=values)
+    outcome = executor.execute(set_it, sample_now([ns.name]), policy)
+    assert outcome.applied
+    assert ns_sysctl(ns, "nf_conntrack_udp_timeout") == 7
+    assert ns_sysctl(ns, "nf_conntrack_tcp_timeout_time_wait") == 120
+    assert procfs.read_sysctl("nf_conntrack_udp_timeout") == host_before   # per namespace
+    saved = json.loads((tmp_path / "state.json").read_text())["changes"]
+    assert [(c["netns"], c["name"], c["original"], c["applied"]) for c in saved] == [
+        (ns.name, "nf_conntrack_udp_timeout", original, 7)]
+    event = next(e for e in log.events if e["event"] == "set_timeouts")
+    assert "udp_timeout 30s→7s" in event["changes"] and event["netns"] == ns.name
+
+    restore = Decision("restore_timeouts", "shorten-timeouts", "calm", ns.name, timeouts=values)
+    assert executor.execute(restore, sample_now([ns.name]), policy).applied
+    assert ns_sysctl(ns, "nf_conntrack_udp_timeout") == original
+    assert json.loads((tmp_path / "state.json").read_text())["changes"] == []
+
+
+def test_restore_leaves_a_value_another_writer_changed(ns, tmp_path):
+    executor, log, state = executor_for(tmp_path, [ns.name])
+    policy = config.loads(b"")
+    executor.execute(Decision("set_timeouts", "r", "t", ns.name, timeouts=(("udp_timeout", 8.0),)),
+                     sample_now([ns.name]), policy)
+    ns.run(["sysctl", "-qw", "net.netfilter.nf_conntrack_udp_timeout=11"])
+    executor.execute(Decision("restore_timeouts", "r", "calm", ns.name), sample_now([ns.name]), policy)
+    assert ns_sysctl(ns, "nf_conntrack_udp_timeout") == 11
+    assert "external_change" in log.kinds() and state.entries() == []
+
+
+def test_max_and_buckets_raised_then_restored_by_the_cli(tmp_path):
+    policy_file = tmp_path / "policy.toml"
+    policy_file.write_text(f'[agent]\nstate_file = "{tmp_path}/state.json"\n')
+    with rig.saved_global_sysctls() as saved:
+        executor, log, state = executor_for(tmp_path)
+        policy = config.load(policy_file)
+        old_max, old_buckets = saved["nf_conntrack_max"], saved["nf_conntrack_buckets"]
+        sample = sample_now()
+        assert executor.execute(Decision("raise_max", "grow-table", "t", "", old=old_max, new=old_max + 4096),
+                                sample, policy).applied
+        assert executor.execute(Decision("resize_buckets", "grow-table", "t", "", old=old_buckets,
+                                         new=old_buckets + 1024), sample, policy).applied
+        assert procfs.read_sysctl("nf_conntrack_max") == old_max + 4096
+        assert procfs.read_sysctl("nf_conntrack_buckets") == old_buckets + 1024
+        raised = next(e for e in log.events if e["event"] == "raise_max")
+        assert (raised["old"], raised["new"], raised["rule"]) == (old_max, old_max + 4096, "grow-table")
+        # A second agent life must keep the true original, not the raised value.
+        again = StateFile(str(tmp_path / "state.json")).load()
+        again.path = str(tmp_path / "second-life.json")
+        again.record("", "nf_conntrack_max", original=old_max + 4096, applied=old_max + 8192, rule="x")
+        assert again.get("", "nf_conntrack_max").original == old_max
+
+        out = subprocess.run([sys.executable, "-m", "conntrack_agent", "restore", "--config", str(policy_file)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert procfs.read_sysctl("nf_conntrack_max") == old_max
+        assert procfs.read_sysctl("nf_conntrack_buckets") == old_buckets
+        assert "nf_conntrack_max" in out.stdout
+        again = subprocess.run([sys.executable, "-m", "conntrack_agent", "restore", "--config", str(policy_file)],
+                               capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0 and "nothing to restore" in again.stdout
+
+
+def test_dry_run_changes_nothing(tmp_path):
+    executor, log, state = executor_for(tmp_path)
+    before = procfs.read_sysctl("nf_conntrack_max")
+    decision = Decision("raise_max", "grow-table", "t", "", dry_run=True, old=before, new=before * 2)
+    assert not executor.execute(decision, sample_now(), config.loads(b"")).applied
+    assert procfs.read_sysctl("nf_conntrack_max") == before
+    assert not (tmp_path / "state.json").exists()
+    event = log.events[-1]
+    assert event["dry_run"] is True and event["message"].startswith("would raise nf_conntrack_max")
+    assert event["priority"] == 5
+
+
+# ---------------------------------------------------------------------------- the agent process
+
+
+class AgentProcess:
+    """`conntrack-agent run` as a user runs it, JSON log lines collected."""
+
+    def __init__(self, policy_file: Path, *args: str, netns: str = ""):
+        cmd = [sys.executable, "-m", "conntrack_agent", "run", "--config", str(policy_file),
+               "--log-format", "json", "--no-dbus", *args]
+        if netns:
+            cmd = ["ip", "netns", "exec", netns] + cmd
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: List[Dict] = []
+
+    def events(self) -> List[Dict]:
+        return self.lines
+
+    def wait_for(self, predicate, timeout: float = 20.0) -> Dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self._readline(deadline)
+            if line is None:
+                break
+            if predicate(line):
+                return line
+        raise AssertionError(f"no matching event within {timeout}s; got {[e.get('event') for e in self.lines]}"
+                             f"; stderr tail: {self.proc.stderr.read() if self.proc.poll() is not None else ''}")
+
+    def _readline(self, deadline):
+        import select
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stderr], [], [], 0.1)
+            if ready:
+                raw = self.proc.stderr.readline()
+                if not raw:
+                    return None
+                try:
+                    event = json.loads(raw)
+                except ValueError:
+                    continue
+                self.lines.append(event)
+                return event
+        return None
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            rest, err = self.proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rest, err = self.proc.communicate()
+        for raw in err.splitlines():
+            try:
+                self.lines.append(json.loads(raw))
+            except ValueError:
+                pass
+        return self.proc.returncode
+
+
+def test_default_policy_raises_max_before_drops_in_a_flooded_namespace(ns, tmp_path):
+    """The issue's 'done': the shipped policy, a namespace flooding past 80% of a lowered max."""
+    policy_file = tmp_path / "policy.toml"
+    policy_file.write_text((REPO / "config" / "policy.toml").read_text()
+                           .replace('namespaces = []', f'namespaces = ["{ns.name}"]')
+                           .replace('/var/lib/conntrack-agent/state.json', f'{tmp_path}/state.json'))
+    low = 20000
+    with rig.saved_global_sysctls():
+        rig.write_sysctl("nf_conntrack_max", low)
+        agent = AgentProcess(policy_file)
+        try:
+            agent.wait_for(lambda e: e.get("event") == "conntrack_available")
+            s = sampler.Sampler((ns.name,), window=0.5)
+            s.open_missing()
+            drops_before = s.probes[ns.name].read(time.monotonic).counters
+            sent = 0
+            for chunk in range(9):            # to 90% of the lowered max, in steps the agent can see
+                sent += rig.flood_udp(ns, 2000, ports=(20000 + chunk * 2000, 20000 + chunk * 2000 + 1999))
+                time.sleep(0.1)
+            raised = agent.wait_for(lambda e: e.get("event") == "raise_max")
+            rig.flood_udp(ns, 12000, dst="127.0.1.1")   # past the old max: 32000 > 20000
+            drops_after = s.probes[ns.name].read(time.monotonic).counters
+            s.close()
+            count = rig.conntrack_count(ns)
+        finally:
+            code = agent.stop()
+        assert procfs.read_sysctl("nf_conntrack_max") > low   # still raised until restored
+    assert code == 0
+    assert raised["old"] == low and raised["new"] == 2 * low
+    assert raised["rule"] == "grow-table" and raised["netns"] == ns.name
+    for key in ("count", "max", "usage", "fill_rate", "time_to_full", "drop", "early_drop", "reason",
+                "message", "message_id", "priority", "dry_run"):
+        assert key in raised, key
+    assert raised["usage"] < 0.9 and raised["drop"] == 0
+    assert count > low                                           # the table really went past the old max
+    assert drops_after["drop"] == drops_before["drop"]           # and nothing was dropped
+    assert drops_after["early_drop"] == drops_before["early_drop"]
+    kinds = [e.get("event") for e in agent.events()]
+    assert kinds[0] == "agent_started" and kinds[-1] == "agent_stopping"
+    assert "pressure" in kinds
+    state = json.loads((tmp_path / "state.json").read_text())["changes"]
+    assert any(c["name"] == "nf_conntrack_max" and c["original"] == low for c in state)
+
+
+def test_unwritable_max_degrades_to_what_still_works(ns, tmp_path):
+    """Inside a non-initial namespace the global max is read-only; timeouts still work."""
+    policy_file = tmp_path / "policy.toml"
+    rig.flood_udp(ns, 100)          # usage above zero, so the triggers below hold
+    policy_file.write_text(f"""
+[agent]
+state_file = "{tmp_path}/state.json"
+interval = "50ms"
+[[rule]]
+name = "grow-table"
+cooldown = "0s"
+[rule.trigger]
+usage_at_least = 0.0
+[[rule]]
+name = "shorten-timeouts"
+[rule.trigger]
+usage_at_least = 0.0001
+sustained = "0s"
+[rule.set_timeouts]
+restore_below = 0.00001
+""")
+    agent = AgentProcess(policy_file, netns=ns.name)
+    try:
+        failed = agent.wait_for(lambda e: e.get("event") == "action_failed")
+        agent.wait_for(lambda e: e.get("event") == "set_timeouts")
+        time.sleep(0.5)   # ten more ticks with the trigger still true
+    finally:
+        code = agent.stop()
+    assert code == 0
+    assert failed["action"] == "raise_max" and failed["priority"] == 3
+    assert "nf_conntrack_max" in failed["error"]
+    assert [e.get("event") for e in agent.events()].count("action_failed") == 1   # logged once, then degraded
+    assert ns_sysctl(ns, "nf_conntrack_udp_timeout") == 10
