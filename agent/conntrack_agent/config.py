@@ -681,7 +681,7 @@ def policy_files(config: Optional[Path] = None, etc_dir: Path = ETC_DIR,
         main: Optional[Path] = config
         dropin_dirs = [config.parent / DROPIN_DIR]
     else:
-        main = next((d / MAIN_NAME for d in (etc_dir, vendor_dir) if (d / MAIN_NAME).is_file()), None)
+        main = next((d / MAIN_NAME for d in (etc_dir, vendor_dir) if (d / MAIN_NAME).exists()), None)
         dropin_dirs = [vendor_dir / DROPIN_DIR, etc_dir / DROPIN_DIR]
     dropins: Dict[str, Path] = {}
     for directory in dropin_dirs:
@@ -694,7 +694,7 @@ def policy_files(config: Optional[Path] = None, etc_dir: Path = ETC_DIR,
 
 def load(config: Optional[Path] = None, etc_dir: Path = ETC_DIR, vendor_dir: Path = VENDOR_DIR) -> Policy:
     """Read and validate the whole policy. Raises PolicyError; never returns half a policy."""
-    if config is not None and not config.is_file():
+    if config is not None and (not config.exists() or config.is_dir()):
         raise PolicyError([Problem(str(config), None, "", "no such policy file")])
     layers = []
     problems: List[Problem] = []
