@@ -243,7 +243,9 @@ class AgentProcess:
                "--log-format", "json", "--no-dbus", *args]
         if netns:
             cmd = ["ip", "netns", "exec", netns] + cmd
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self._fd = self.proc.stderr.fileno()
+        self._pending = b""
         self.lines: List[Dict] = []
 
     def events(self) -> List[Dict]:
@@ -258,22 +260,27 @@ class AgentProcess:
             if predicate(line):
                 return line
         raise AssertionError(f"no matching event within {timeout}s; got {[e.get('event') for e in self.lines]}"
-                             f"; stderr tail: {self.proc.stderr.read() if self.proc.poll() is not None else ''}")
+                             f"; unparsed: {self._pending[-2000:]!r}")
 
     def _readline(self, deadline):
+        """One JSON event from stderr. Reads the raw fd: a buffered text reader would
+        swallow lines that select() then no longer sees."""
         import select
         while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.proc.stderr], [], [], 0.1)
-            if ready:
-                raw = self.proc.stderr.readline()
-                if not raw:
-                    return None
+            while b"\n" in self._pending:
+                raw, self._pending = self._pending.split(b"\n", 1)
                 try:
                     event = json.loads(raw)
                 except ValueError:
                     continue
                 self.lines.append(event)
                 return event
+            ready, _, _ = select.select([self._fd], [], [], 0.1)
+            if ready:
+                chunk = os.read(self._fd, 65536)
+                if not chunk:
+                    return None
+                self._pending += chunk
         return None
 
     def stop(self) -> int:
@@ -284,7 +291,7 @@ class AgentProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             rest, err = self.proc.communicate()
-        for raw in err.splitlines():
+        for raw in (self._pending + err).splitlines():
             try:
                 self.lines.append(json.loads(raw))
             except ValueError:
@@ -369,3 +376,52 @@ restore_below = 0.00001
     assert "nf_conntrack_max" in failed["error"]
     assert [e.get("event") for e in agent.events()].count("action_failed") == 1   # logged once, then degraded
     assert ns_sysctl(ns, "nf_conntrack_udp_timeout") == 10
+
+
+def test_a_namespace_that_appears_later_is_picked_up(tmp_path):
+    name = f"ctatest-{os.getpid()}-later"
+    policy_file = tmp_path / "policy.toml"
+    policy_file.write_text(f'[agent]\nstate_file = "{tmp_path}/state.json"\nnamespaces = ["{name}"]\n')
+    agent = AgentProcess(policy_file)
+    try:
+        missing = agent.wait_for(lambda e: e.get("event") == "conntrack_unavailable")
+        time.sleep(1.0)
+        assert not os.path.exists(f"/run/netns/{name}")   # waiting never creates it
+        with rig.Namespace(name) as ns:
+            rig.flood_udp(ns, 50)
+            found = agent.wait_for(lambda e: e.get("event") == "conntrack_available", timeout=15)
+    finally:
+        code = agent.stop()
+    assert code == 0
+    assert missing["netns"] == name and missing["priority"] == 4
+    assert found["netns"] == name
+    assert [e.get("event") for e in agent.events()].count("conntrack_unavailable") == 1   # said once
+
+
+def test_another_writer_lowering_max_is_logged_and_left_alone(tmp_path, ns):
+    policy_file = tmp_path / "policy.toml"
+    policy_file.write_text(f"""
+[agent]
+state_file = "{tmp_path}/state.json"
+namespaces = ["{ns.name}"]
+[[rule]]
+name = "grow-table"
+cooldown = "1h"
+[rule.trigger]
+usage_at_least = 0.0
+""")
+    with rig.saved_global_sysctls() as saved:
+        agent = AgentProcess(policy_file)
+        try:
+            raised = agent.wait_for(lambda e: e.get("event") == "raise_max")
+            outsider = saved["nf_conntrack_max"] + 1024      # e.g. kube-proxy sizing the table at start
+            rig.write_sysctl("nf_conntrack_max", outsider)
+            change = agent.wait_for(lambda e: e.get("event") == "external_change")
+            time.sleep(0.5)
+            still = procfs.read_sysctl("nf_conntrack_max")
+        finally:
+            code = agent.stop()
+    assert code == 0
+    assert (change["old"], change["new"]) == (raised["new"], outsider)
+    assert "backing off" in change["reason"] and change["priority"] == 4
+    assert still == outsider                                  # back_off: the agent did not fight
