@@ -33,8 +33,10 @@ PYTHON = "/usr/bin/python3"
 PREFIX = "ctatest-"
 LOCK_PATH = "/run/lock/conntrack-agent-tests.lock"
 NETFILTER = "/proc/sys/net/netfilter"
-# UDP destination ports reserved for flood traffic; the namespace's input
-# chain drops them so no ICMP port-unreachable follows.
+# UDP and TCP destination ports reserved for flood traffic; the namespace's
+# input chain drops them so no ICMP port-unreachable or RST comes back. Only
+# in the original direction: replies to ephemeral ports (32768-60999 overlap
+# this range) must get through, or no test TCP connection could complete.
 FLOOD_PORTS = (20000, 59999)
 # Extra IPv6 destinations: a local (AnyIP) route makes the whole prefix
 # reachable on lo without adding 10^5 addresses.
@@ -68,7 +70,8 @@ table inet ctatest {{
     }}
     chain in {{
         type filter hook input priority 0; policy accept;
-        udp dport {lo}-{hi} drop
+        ct direction original udp dport {lo}-{hi} drop
+        ct direction original tcp dport {lo}-{hi} drop
     }}
 }}
 """
@@ -223,6 +226,43 @@ def flood_udp(ns: Namespace, n: int, dst: Optional[str] = None, family: int = 4,
         dst = "127.0.0.2" if family == 4 else V6_PREFIX + "1"
     out = ns.python(_FLOOD, str(n), str(family), dst, str(ports[0]), str(ports[1]),
                     str(sport), timeout=600)
+    return int(out.strip())
+
+
+_SYN = r"""
+import socket, sys, ipaddress
+n, family, dst, first_port, last_port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+af = socket.AF_INET if family == 4 else socket.AF_INET6
+base = int(ipaddress.ip_address(dst))
+ports = last_port - first_port + 1
+width = 4 if family == 4 else 16
+sent = 0
+while sent < n:
+    a, p = divmod(sent, ports)
+    s = socket.socket(af, socket.SOCK_STREAM)
+    s.setblocking(False)
+    try:
+        s.connect((socket.inet_ntop(af, (base + a).to_bytes(width, "big")), first_port + p))
+    except BlockingIOError:
+        pass
+    except OSError:
+        pass  # table full: the SYN was dropped, the attempt still counts
+    # Closing a socket in SYN_SENT sends nothing: the entry stays SYN_SENT.
+    s.close()
+    sent += 1
+print(sent)
+"""
+
+
+def flood_tcp_syn(ns: Namespace, n: int, dst: Optional[str] = None, family: int = 4,
+                  ports: Sequence[int] = FLOOD_PORTS) -> int:
+    """Create about ``n`` TCP entries in SYN_SENT (unreplied) state; return SYNs sent.
+
+    Non-blocking connects whose SYN the input chain drops (~60k/s).
+    """
+    if dst is None:
+        dst = "127.0.0.2" if family == 4 else V6_PREFIX + "1"
+    out = ns.python(_SYN, str(n), str(family), dst, str(ports[0]), str(ports[1]), timeout=900)
     return int(out.strip())
 
 

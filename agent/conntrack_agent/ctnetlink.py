@@ -26,13 +26,26 @@ import errno
 import os
 import socket
 import struct
-from typing import Dict, Optional, Tuple
+from collections import Counter
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 __all__ = [
     "ConntrackUnavailable",
     "CtnetlinkError",
     "CtnetlinkSocket",
+    "CtEntry",
+    "Dump",
+    "BulkWriter",
+    "TupleFilter",
     "CPU_STAT_KEYS",
+    "PROTO_NUMBERS",
+    "TCP_STATES",
+    "decode_entries",
+    "encode_dump_request",
+    "encode_delete",
+    "encode_set_timeout",
+    "encode_filtered_delete",
+    "kernel_version",
 ]
 
 NETLINK_NETFILTER = 12
@@ -95,6 +108,90 @@ _MSG_STATS_CPU = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET_STATS_CPU
 # unknown subsystem once its own module request has failed).
 _UNAVAILABLE_SOCKET = (errno.EPROTONOSUPPORT, errno.EAFNOSUPPORT)
 _UNAVAILABLE_REPLY = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOENT)
+
+# enum ctattr_type (top level of a conntrack message)
+CTA_TUPLE_ORIG = 1
+CTA_TUPLE_REPLY = 2
+CTA_STATUS = 3
+CTA_PROTOINFO = 4
+CTA_TIMEOUT = 7
+CTA_MARK = 8
+CTA_ID = 12
+CTA_ZONE = 18
+CTA_MARK_MASK = 21
+CTA_FILTER = 25
+CTA_STATUS_MASK = 26
+# enum ctattr_tuple / ctattr_ip / ctattr_l4proto
+CTA_TUPLE_IP = 1
+CTA_TUPLE_PROTO = 2
+CTA_TUPLE_ZONE = 3
+CTA_IP_V4_SRC = 1
+CTA_IP_V4_DST = 2
+CTA_IP_V6_SRC = 3
+CTA_IP_V6_DST = 4
+CTA_PROTO_NUM = 1
+CTA_PROTO_SRC_PORT = 2
+CTA_PROTO_DST_PORT = 3
+# enum ctattr_protoinfo / ctattr_protoinfo_tcp
+CTA_PROTOINFO_TCP = 1
+CTA_PROTOINFO_TCP_STATE = 1
+# enum ctattr_filter and the CTA_FILTER_F_* bits (net/netfilter/nf_internals.h,
+# not exported but ABI: libnetfilter_conntrack uses the same values).
+CTA_FILTER_ORIG_FLAGS = 1
+CTA_FILTER_F_CTA_IP_SRC = 1 << 0
+CTA_FILTER_F_CTA_IP_DST = 1 << 1
+CTA_FILTER_F_CTA_PROTO_NUM = 1 << 3
+CTA_FILTER_F_CTA_PROTO_SRC_PORT = 1 << 4
+CTA_FILTER_F_CTA_PROTO_DST_PORT = 1 << 5
+
+NLA_F_NESTED = 0x8000
+_NLA_TYPE_MASK = 0x3FFF
+
+# enum ip_conntrack_status bits the agent looks at.
+IPS_SEEN_REPLY = 1 << 1
+IPS_ASSURED = 1 << 2
+IPS_OFFLOAD = 1 << 14
+
+AF_UNSPEC = 0
+AF_INET = 2
+AF_INET6 = 10
+
+PROTO_NUMBERS = {
+    "icmp": 1, "tcp": 6, "udp": 17, "dccp": 33, "gre": 47, "icmpv6": 58,
+    "ipv6-icmp": 58, "sctp": 132, "udplite": 136,
+}
+PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 33: "dccp", 47: "gre", 58: "icmpv6",
+               132: "sctp", 136: "udplite"}
+# enum tcp_conntrack, names as conntrack-tools prints them.
+TCP_STATES = ("NONE", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT",
+              "LAST_ACK", "TIME_WAIT", "CLOSE", "SYN_SENT2")
+TCP_ESTABLISHED = 3
+
+_MSG_CT_NEW = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
+_MSG_CT_GET = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
+_MSG_CT_DELETE = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE
+
+# Fixed layouts of the original tuple as ctnetlink_dump_tuples() writes it for
+# TCP/UDP-like protocols: IP nest (src, dst) then proto nest (num, sport,
+# dport). One unpack_from reads a whole tuple; the header fields are compared
+# with what they must be, and anything else takes the generic walk.
+_V4_TUPLE = struct.Struct(">4s4s4s4s4s4s4sB3x4sH2x4sH")
+_V6_TUPLE = struct.Struct(">4s4s16s4s16s4s4sB3x4sH2x4sH")
+
+
+def _nlattr_hdr(length: int, atype: int) -> bytes:
+    return struct.pack("=HH", length, atype)
+
+
+_V4_HDRS = (_nlattr_hdr(20, NLA_F_NESTED | CTA_TUPLE_IP), _nlattr_hdr(8, CTA_IP_V4_SRC),
+            _nlattr_hdr(8, CTA_IP_V4_DST), _nlattr_hdr(28, NLA_F_NESTED | CTA_TUPLE_PROTO),
+            _nlattr_hdr(5, CTA_PROTO_NUM), _nlattr_hdr(6, CTA_PROTO_SRC_PORT),
+            _nlattr_hdr(6, CTA_PROTO_DST_PORT))
+_V6_HDRS = (_nlattr_hdr(44, NLA_F_NESTED | CTA_TUPLE_IP), _nlattr_hdr(20, CTA_IP_V6_SRC),
+            _nlattr_hdr(20, CTA_IP_V6_DST)) + _V4_HDRS[3:]
+_ID_HDR = _nlattr_hdr(8, CTA_ID)
+_TIMEOUT_HDR = _nlattr_hdr(8, CTA_TIMEOUT)
+_BE16 = struct.Struct(">H")
 
 
 class ConntrackUnavailable(OSError):
@@ -177,6 +274,15 @@ class CtnetlinkSocket:
         self._cpu_req = bytearray(
             _HDR.pack(20, _MSG_STATS_CPU, NLM_F_REQUEST | NLM_F_DUMP, 0, 0) + bytes(4)
         )
+        # Bulk state: a separate buffer so a dump chunk being iterated is
+        # never overwritten by a counters request, an error tally for the
+        # no-ack batched writes, and a flag that keeps counters requests off
+        # the socket while a dump owns its receive queue.
+        self._dump_buf: bytearray = bytearray(65536)
+        self._dump_active = False
+        self.errors: Counter = Counter()
+        self.errors_lost = 0
+        self._broken_features: set = set()
 
     @staticmethod
     def _open(rcvbuf: int) -> socket.socket:
@@ -241,6 +347,13 @@ class CtnetlinkSocket:
             pass
 
     @staticmethod
+    def _busy() -> None:
+        # Reading a reply here would swallow dump chunks queued on the same
+        # socket; use another socket (the sampler's) while a dump runs.
+        raise CtnetlinkError(errno.EBUSY, "a dump is running on this socket; "
+                             "counters must come from another socket meanwhile")
+
+    @staticmethod
     def _raise_reply_error(err: int, what: str) -> None:
         if err in _UNAVAILABLE_REPLY:
             raise ConntrackUnavailable(err, "ctnetlink %s: %s (nf_conntrack_netlink "
@@ -252,6 +365,8 @@ class CtnetlinkSocket:
     def stats(self) -> Tuple[int, int]:
         """(entry count of this namespace, global nf_conntrack_max)."""
         sock = self.sock
+        if self._dump_active:
+            self._busy()
         seq = self.next_seq()
         req = self._stats_req
         _HDR.pack_into(req, 0, 20, _MSG_STATS, NLM_F_REQUEST, seq, 0)
@@ -299,6 +414,8 @@ class CtnetlinkSocket:
         clash_resolve and chaintoolong).
         """
         sock = self.sock
+        if self._dump_active:
+            self._busy()
         seq = self.next_seq()
         req = self._cpu_req
         _HDR.pack_into(req, 0, 20, _MSG_STATS_CPU, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
@@ -333,3 +450,769 @@ class CtnetlinkSocket:
                             a += _align4(alen)
                 off += _align4(mlen)
 
+    # -- bulk operations --------------------------------------------------------
+
+    def dump(self, family: int = AF_UNSPEC, mark: Optional[int] = None,
+             mark_mask: int = 0xFFFFFFFF, status: Optional[int] = None,
+             status_mask: int = 0, tuple_filter: Optional["TupleFilter"] = None) -> "Dump":
+        """A streaming dump (see Dump); mark/status/tuple let the kernel pre-filter."""
+        return Dump(self, family, mark, mark_mask, status, status_mask, tuple_filter)
+
+    def writer(self, batch: int = 256) -> "BulkWriter":
+        return BulkWriter(self, batch)
+
+    def _note_error(self, err: int) -> None:
+        if err:
+            self.errors[err] += 1
+
+    def collect_errors(self) -> Dict[int, int]:
+        """Read error replies already queued (batched writes); return and reset the tally.
+
+        Requests run inside send(), so by now every reply has been queued;
+        nothing here waits.
+        """
+        if self._dump_active:
+            self._busy()
+        sock = self.sock
+        buf = self._buf
+        while True:
+            try:
+                n = sock.recv_into(buf, 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    self.errors_lost += 1
+                    continue
+                raise
+            off = 0
+            while off + 16 <= n:
+                mlen, mtype, _flags, _seq, _pid = _HDR.unpack_from(buf, off)
+                if mlen < 16:
+                    break
+                if mtype == NLMSG_ERROR:
+                    self._note_error(-_ERRNO.unpack_from(buf, off + 16)[0])
+                off += _align4(mlen)
+        out = dict(self.errors)
+        self.errors.clear()
+        return out
+
+    def filter_features(self) -> frozenset:
+        """Kernel-side filtered-delete features usable here: subset of mark, status, tuple."""
+        ver = kernel_version()
+        return frozenset(f for f, need in FILTER_FEATURE_VERSIONS.items()
+                         if ver >= need and f not in self._broken_features)
+
+    def strike_feature(self, feature: str) -> None:
+        """Stop using a kernel filter feature on this socket (it failed at run time)."""
+        self._broken_features.add(feature)
+
+    def filtered_delete(self, mark: Optional[int] = None, mark_mask: int = 0xFFFFFFFF,
+                        status: Optional[int] = None, status_mask: int = 0,
+                        tuple_filter: Optional["TupleFilter"] = None) -> None:
+        """Kernel-side filtered delete: one request, the kernel walks and deletes.
+
+        Refuses (ValueError) a request without any filter, and
+        (CtnetlinkError EOPNOTSUPP) one whose features the running kernel is
+        not known to honour: an ignored filter would flush the namespace. A
+        kernel that rejects the filter at run time (EOPNOTSUPP/EINVAL) has
+        the feature struck off for this socket, so callers fall back.
+        """
+        needed = set()
+        if mark is not None:
+            needed.add("mark")
+        if status is not None:
+            needed.add("status")
+        if tuple_filter is not None:
+            needed.add("tuple")
+        missing = needed - self.filter_features()
+        if missing:
+            raise CtnetlinkError(errno.EOPNOTSUPP, "kernel-side filter not supported here: %s"
+                                 % ", ".join(sorted(missing)))
+        if self._dump_active:
+            self._busy()
+        seq = self.next_seq()
+        self.sock.send(encode_filtered_delete(seq, mark, mark_mask, status, status_mask,
+                                              tuple_filter))
+        buf = self._buf
+        while True:
+            n = self.sock.recv_into(buf)
+            off = 0
+            while off + 16 <= n:
+                mlen, mtype, _flags, mseq, _pid = _HDR.unpack_from(buf, off)
+                if mlen < 16:
+                    break
+                if mtype == NLMSG_ERROR:
+                    err = -_ERRNO.unpack_from(buf, off + 16)[0]
+                    if mseq != seq:
+                        self._note_error(err)
+                    elif err == 0:
+                        return
+                    else:
+                        if err in (errno.EOPNOTSUPP, errno.EINVAL):
+                            self._broken_features.update(needed)
+                        raise CtnetlinkError(err, "ctnetlink filtered delete: %s"
+                                             % os.strerror(err))
+                off += _align4(mlen)
+
+
+
+# ---------------------------------------------------------------------------
+# Entries: decoding a dump without building more than one small tuple each.
+
+
+class CtEntry(NamedTuple):
+    """One conntrack entry as the sweeps need it.
+
+    Addresses are packed bytes (4 or 16); ``state`` is the TCP state number
+    (-1 when not TCP; TCP_STATES names it); ``timeout`` is the remaining
+    time in seconds (None for offloaded entries, which report none). ``key``
+    is the raw CTA_TUPLE_ORIG attribute (plus CTA_ZONE when present), ready
+    to be copied into a delete or update without re-encoding.
+    """
+
+    family: int
+    proto: int
+    src: bytes
+    dst: bytes
+    sport: Optional[int]
+    dport: Optional[int]
+    status: int
+    mark: int
+    zone: int
+    timeout: Optional[int]
+    state: int
+    id: int
+    key: bytes
+
+
+_tuple_new = tuple.__new__
+
+
+def _align(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def _parse_tuple_generic(buf, a: int, end: int):
+    src = dst = b""
+    proto = 0
+    sport = dport = None
+    zone = 0
+    while a + 4 <= end:
+        alen, atype = _ATTR.unpack_from(buf, a)
+        if alen < 4:
+            break
+        t = atype & _NLA_TYPE_MASK
+        if t == CTA_TUPLE_IP:
+            b, bend = a + 4, a + alen
+            while b + 4 <= bend:
+                blen, btype = _ATTR.unpack_from(buf, b)
+                if blen < 4:
+                    break
+                bt = btype & _NLA_TYPE_MASK
+                if bt == CTA_IP_V4_SRC or bt == CTA_IP_V6_SRC:
+                    src = bytes(buf[b + 4:b + blen])
+                elif bt == CTA_IP_V4_DST or bt == CTA_IP_V6_DST:
+                    dst = bytes(buf[b + 4:b + blen])
+                b += _align(blen)
+        elif t == CTA_TUPLE_PROTO:
+            b, bend = a + 4, a + alen
+            while b + 4 <= bend:
+                blen, btype = _ATTR.unpack_from(buf, b)
+                if blen < 4:
+                    break
+                bt = btype & _NLA_TYPE_MASK
+                if bt == CTA_PROTO_NUM:
+                    proto = buf[b + 4]
+                elif bt == CTA_PROTO_SRC_PORT:
+                    sport = _BE16.unpack_from(buf, b + 4)[0]
+                elif bt == CTA_PROTO_DST_PORT:
+                    dport = _BE16.unpack_from(buf, b + 4)[0]
+                b += _align(blen)
+        elif t == CTA_TUPLE_ZONE:
+            zone = _BE16.unpack_from(buf, a + 4)[0]
+        a += _align(alen)
+    return src, dst, proto, sport, dport, zone
+
+
+def _parse_entry(buf, off: int, end: int) -> Optional[CtEntry]:
+    """Decode one IPCTNL_MSG_CT_NEW message of a dump (nlmsghdr at ``off``)."""
+    family = buf[off + 16]
+    a = off + 20
+    orig = orig_end = zone_at = -1
+    status = mark = eid = zone = 0
+    timeout = None
+    state = -1
+    src = dst = b""
+    proto = 0
+    sport = dport = None
+    unpack_attr = _ATTR.unpack_from
+    be32 = _BE32.unpack_from
+    while a + 4 <= end:
+        alen, atype = unpack_attr(buf, a)
+        if alen < 4:
+            break
+        t = atype & _NLA_TYPE_MASK
+        if t == CTA_TUPLE_ORIG:
+            orig, orig_end = a, a + alen
+            f = None
+            if alen == 52 and family == AF_INET:
+                f = _V4_TUPLE.unpack_from(buf, a + 4)
+                if (f[0], f[1], f[3], f[5], f[6], f[8], f[10]) != _V4_HDRS:
+                    f = None
+            elif alen == 76 and family == AF_INET6:
+                f = _V6_TUPLE.unpack_from(buf, a + 4)
+                if (f[0], f[1], f[3], f[5], f[6], f[8], f[10]) != _V6_HDRS:
+                    f = None
+            if f is not None:
+                src, dst, proto, sport, dport = f[2], f[4], f[7], f[9], f[11]
+            else:
+                src, dst, proto, sport, dport, tzone = _parse_tuple_generic(buf, a + 4, a + alen)
+                if tzone and not zone:
+                    zone = tzone
+        elif t == CTA_STATUS:
+            status = be32(buf, a + 4)[0]
+        elif t == CTA_ID:
+            eid = be32(buf, a + 4)[0]
+        elif t == CTA_TIMEOUT:
+            timeout = be32(buf, a + 4)[0]
+        elif t == CTA_MARK:
+            mark = be32(buf, a + 4)[0]
+        elif t == CTA_PROTOINFO:
+            # PROTOINFO { PROTOINFO_TCP { TCP_STATE u8, ... } }; other
+            # protocols' protoinfo (SCTP, DCCP) is not a TCP state.
+            if alen >= 13:
+                ilen, itype = unpack_attr(buf, a + 4)
+                if itype & _NLA_TYPE_MASK == CTA_PROTOINFO_TCP and ilen >= 9:
+                    slen, stype = unpack_attr(buf, a + 8)
+                    if stype & _NLA_TYPE_MASK == CTA_PROTOINFO_TCP_STATE:
+                        state = buf[a + 12]
+        elif t == CTA_ZONE:
+            zone = _BE16.unpack_from(buf, a + 4)[0]
+            zone_at = a
+        a += (alen + 3) & ~3
+    if orig < 0:
+        return None
+    if zone_at < 0:
+        key = bytes(buf[orig:orig_end])
+    else:
+        key = bytes(buf[orig:orig_end]) + bytes(buf[zone_at:zone_at + 8])
+    if proto != 6:
+        state = -1
+    return _tuple_new(CtEntry, (family, proto, src, dst, sport, dport, status, mark, zone,
+                                timeout, state, eid, key))
+
+
+# Fast path. Messages of one kind (say IPv4 TCP, no NAT, no zone) share one
+# exact layout: same attributes, same lengths, same offsets. The first such
+# message is walked attribute by attribute; its layout is then compiled into
+# one struct that checks every attribute header on the way to the fields we
+# need and extracts those fields in a single unpack_from call. Walking costs
+# ~14 unpack calls an entry, a known layout one; that is what lets a Python
+# sweep keep up with conntrack -D. Any header that differs sends the message
+# back to the walk, so an unexpected layout is never misread.
+
+_ENTRY_DEFAULTS = {"proto": 0, "src": b"", "dst": b"", "sport": None, "dport": None,
+                   "status": 0, "mark": 0, "zone": 0, "timeout": None, "state": -1, "id": 0}
+_ENTRY_FIELDS = ("family", "proto", "src", "dst", "sport", "dport", "status", "mark", "zone",
+                 "timeout", "state", "id")
+_MAX_SHAPES = 256
+_MAX_SHAPES_PER_KEY = 4
+
+
+class _Shape:
+    __slots__ = ("unpack", "hget", "hexp", "vget", "consts", "key_start", "key_end")
+
+    def __init__(self, family: int, mlen: int, segs: list, key_start: int, key_end: int) -> None:
+        import operator
+
+        fmt = [">"]
+        pos = 0
+        fields: list = []  # ("h", bytes) or ("v", name)
+        pending_h = b""
+        pending_at = 0
+
+        def flush_h() -> None:
+            nonlocal pending_h
+            if pending_h:
+                fmt.append("%ds" % len(pending_h))
+                fields.append(("h", pending_h))
+                pending_h = b""
+
+        for rel, kind, data in sorted(segs, key=lambda s: s[0]):
+            if kind == "h":
+                if pending_h and pending_at + len(pending_h) == rel:
+                    pending_h += data
+                    pos = rel + len(data)
+                    continue
+                flush_h()
+                if rel > pos:
+                    fmt.append("%dx" % (rel - pos))
+                pending_h, pending_at = data, rel
+                pos = rel + len(data)
+            else:
+                flush_h()
+                code, name = data
+                if rel > pos:
+                    fmt.append("%dx" % (rel - pos))
+                fmt.append(code)
+                fields.append(("v", name))
+                pos = rel + struct.calcsize(">" + code)
+        flush_h()
+        self.unpack = struct.Struct("".join(fmt)).unpack_from
+        hidx = [i for i, (k, _) in enumerate(fields) if k == "h"]
+        hexp = tuple(d for k, d in fields if k == "h")
+        if len(hidx) == 1:
+            self.hget = operator.itemgetter(hidx[0])
+            self.hexp = hexp[0]
+        else:
+            self.hget = operator.itemgetter(*hidx)
+            self.hexp = hexp
+        found = {d: i for i, (k, d) in enumerate(fields) if k == "v"}
+        consts: list = []
+        index = []
+        for name in _ENTRY_FIELDS:
+            if name in found:
+                index.append(found[name])
+            else:
+                index.append(len(fields) + len(consts))
+                consts.append(family if name == "family" else _ENTRY_DEFAULTS[name])
+        self.consts = tuple(consts)
+        self.vget = operator.itemgetter(*index)
+        self.key_start = key_start
+        self.key_end = key_end
+
+
+_SHAPES: Dict[Tuple[int, int], List[_Shape]] = {}
+_shape_count = 0
+
+
+def _learn_shape(buf, off: int, end: int) -> None:
+    """Compile the layout of the message at ``off`` (see above), if it is a plain one."""
+    global _shape_count
+    if _shape_count >= _MAX_SHAPES:
+        return
+    family = buf[off + 16]
+    mlen = end - off
+    segs: list = []
+    key = None
+
+    def hdr(a: int) -> Tuple[int, int]:
+        segs.append((a - off, "h", bytes(buf[a:a + 4])))
+        alen, atype = _ATTR.unpack_from(buf, a)
+        return alen, atype & _NLA_TYPE_MASK
+
+    a = off + 20
+    while a + 4 <= end:
+        alen, t = hdr(a)
+        if alen < 4:
+            return
+        if t == CTA_TUPLE_ORIG:
+            key = (a - off, a - off + alen)
+            b, bend = a + 4, a + alen
+            while b + 4 <= bend:
+                blen, bt = hdr(b)
+                if blen < 4:
+                    return
+                if bt == CTA_TUPLE_IP or bt == CTA_TUPLE_PROTO:
+                    c, cend = b + 4, b + blen
+                    while c + 4 <= cend:
+                        clen, ct_ = hdr(c)
+                        if clen < 4:
+                            return
+                        if bt == CTA_TUPLE_IP:
+                            name = "src" if ct_ in (CTA_IP_V4_SRC, CTA_IP_V6_SRC) else \
+                                "dst" if ct_ in (CTA_IP_V4_DST, CTA_IP_V6_DST) else None
+                            if name:
+                                segs.append((c + 4 - off, "v", ("%ds" % (clen - 4), name)))
+                        elif ct_ == CTA_PROTO_NUM:
+                            segs.append((c + 4 - off, "v", ("B", "proto")))
+                        elif ct_ == CTA_PROTO_SRC_PORT:
+                            segs.append((c + 4 - off, "v", ("H", "sport")))
+                        elif ct_ == CTA_PROTO_DST_PORT:
+                            segs.append((c + 4 - off, "v", ("H", "dport")))
+                        c += _align(clen)
+                elif bt == CTA_TUPLE_ZONE:
+                    return  # zones are rare: leave them to the walk
+                b += _align(blen)
+        elif t in (CTA_STATUS, CTA_ID, CTA_TIMEOUT, CTA_MARK):
+            name = {CTA_STATUS: "status", CTA_ID: "id", CTA_TIMEOUT: "timeout", CTA_MARK: "mark"}[t]
+            segs.append((a + 4 - off, "v", ("I", name)))
+        elif t == CTA_PROTOINFO:
+            if alen >= 13:
+                ilen, it = hdr(a + 4)
+                if it == CTA_PROTOINFO_TCP and ilen >= 9:
+                    slen, st = hdr(a + 8)
+                    if st == CTA_PROTOINFO_TCP_STATE:
+                        segs.append((a + 12 - off, "v", ("B", "state")))
+        elif t == CTA_ZONE:
+            return
+        a += _align(alen)
+    if key is None:
+        return
+    shapes = _SHAPES.setdefault((mlen, family), [])
+    if len(shapes) < _MAX_SHAPES_PER_KEY:
+        shapes.append(_Shape(family, mlen, segs, key[0], key[1]))
+        _shape_count += 1
+
+
+def _decode(buf, off: int, mlen: int) -> Optional[CtEntry]:
+    """Decode the conntrack message at ``off``: compiled layout if known, else walk and learn."""
+    shapes = _SHAPES.get((mlen, buf[off + 16]))
+    if shapes is not None:
+        for sh in shapes:
+            f = sh.unpack(buf, off)
+            if sh.hget(f) == sh.hexp:
+                return _tuple_new(CtEntry, sh.vget(f + sh.consts)
+                                  + (bytes(buf[off + sh.key_start:off + sh.key_end]),))
+    e = _parse_entry(buf, off, off + mlen)
+    if e is not None:
+        _learn_shape(buf, off, off + mlen)
+    return e
+
+
+def decode_entries(data: bytes) -> List[CtEntry]:
+    """Every conntrack entry in a run of netlink messages (recorded dump bytes)."""
+    buf = bytearray(data)
+    out = []
+    off = 0
+    while off + 16 <= len(buf):
+        mlen, mtype, _flags, _seq, _pid = _HDR.unpack_from(buf, off)
+        if mlen < 16:
+            break
+        if mtype == _MSG_CT_NEW:
+            e = _decode(buf, off, mlen)
+            if e is not None:
+                out.append(e)
+        off += _align(mlen)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Encoding requests.
+
+_NFGEN = {f: bytes((f, 0, 0, 0)) for f in (AF_UNSPEC, AF_INET, AF_INET6)}
+
+
+def _attr(atype: int, payload: bytes) -> bytes:
+    length = 4 + len(payload)
+    return struct.pack("=HH", length, atype) + payload + bytes(_align(length) - length)
+
+
+def _nest(atype: int, *parts: bytes) -> bytes:
+    return _attr(NLA_F_NESTED | atype, b"".join(parts))
+
+
+def _message(mtype: int, flags: int, seq: int, family: int, body: bytes, version: int = 0) -> bytes:
+    return _HDR.pack(20 + len(body), mtype, flags, seq, 0) + bytes((family, version, 0, 0)) + body
+
+
+def _u32_filter_attrs(mark: Optional[int], mark_mask: int, status: Optional[int],
+                      status_mask: int) -> bytes:
+    body = b""
+    if mark is not None:
+        # Always with its mask: kernels before 5.8 only filter when both are present.
+        body += _attr(CTA_MARK, _BE32.pack(mark & mark_mask)) + _attr(CTA_MARK_MASK, _BE32.pack(mark_mask))
+    if status is not None:
+        if not status_mask:
+            raise ValueError("a status filter needs a non-zero mask")
+        body += _attr(CTA_STATUS, _BE32.pack(status)) + _attr(CTA_STATUS_MASK, _BE32.pack(status_mask))
+    return body
+
+
+class TupleFilter(NamedTuple):
+    """Exact-match original-tuple filter for a kernel-side flush (6.12+)."""
+
+    family: int
+    proto: Optional[int] = None
+    src: Optional[bytes] = None
+    dst: Optional[bytes] = None
+    sport: Optional[int] = None
+    dport: Optional[int] = None
+
+
+def encode_dump_request(seq: int, family: int = AF_UNSPEC, mark: Optional[int] = None,
+                        mark_mask: int = 0xFFFFFFFF, status: Optional[int] = None,
+                        status_mask: int = 0,
+                        tuple_filter: Optional[TupleFilter] = None) -> bytes:
+    """IPCTNL_MSG_CT_GET dump; mark/status/tuple make the kernel pre-filter it.
+
+    Kernels that do not know a filter attribute ignore it and dump more, so
+    callers must still check every entry themselves. A tuple filter fixes
+    the family (the kernel needs one to compare addresses).
+    """
+    body = _u32_filter_attrs(mark, mark_mask, status, status_mask)
+    if tuple_filter is not None:
+        family = tuple_filter.family
+        body += _tuple_filter_attrs(tuple_filter)
+    return _message(_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, family, body)
+
+
+def encode_delete(entry: CtEntry, seq: int) -> bytes:
+    """Delete one entry by its original tuple, guarded by CTA_ID.
+
+    The ID makes the kernel answer ENOENT instead of deleting a newer entry
+    that happens to reuse the tuple.
+    """
+    return (_HDR.pack(28 + len(entry.key), _MSG_CT_DELETE, NLM_F_REQUEST, seq, 0)
+            + _NFGEN[entry.family] + entry.key + _ID_HDR + _BE32.pack(entry.id))
+
+
+def encode_set_timeout(entry: CtEntry, timeout: int, seq: int) -> bytes:
+    """Update an entry's remaining timeout (IPCTNL_MSG_CT_NEW, no NLM_F_CREATE).
+
+    Without NLM_F_CREATE a vanished entry is ENOENT, never re-created. The
+    kernel does not check CTA_ID on updates, so none is sent.
+    """
+    return (_HDR.pack(28 + len(entry.key), _MSG_CT_NEW, NLM_F_REQUEST, seq, 0)
+            + _NFGEN[entry.family] + entry.key + _TIMEOUT_HDR + _BE32.pack(timeout))
+
+
+def _tuple_filter_attrs(tf: TupleFilter) -> bytes:
+    """CTA_TUPLE_ORIG + CTA_FILTER{ORIG_FLAGS} describing an exact-match tuple filter."""
+    family = tf.family
+    if family not in (AF_INET, AF_INET6):
+        raise ValueError("a tuple filter needs AF_INET or AF_INET6")
+    flags = 0
+    ip = b""
+    if tf.src is not None:
+        flags |= CTA_FILTER_F_CTA_IP_SRC
+        ip += _attr(CTA_IP_V4_SRC if family == AF_INET else CTA_IP_V6_SRC, tf.src)
+    if tf.dst is not None:
+        flags |= CTA_FILTER_F_CTA_IP_DST
+        ip += _attr(CTA_IP_V4_DST if family == AF_INET else CTA_IP_V6_DST, tf.dst)
+    proto = b""
+    if tf.proto is not None:
+        flags |= CTA_FILTER_F_CTA_PROTO_NUM
+        proto += _attr(CTA_PROTO_NUM, bytes((tf.proto,)))
+    if tf.sport is not None:
+        flags |= CTA_FILTER_F_CTA_PROTO_SRC_PORT
+        proto += _attr(CTA_PROTO_SRC_PORT, _BE16.pack(tf.sport))
+    if tf.dport is not None:
+        flags |= CTA_FILTER_F_CTA_PROTO_DST_PORT
+        proto += _attr(CTA_PROTO_DST_PORT, _BE16.pack(tf.dport))
+    if (tf.sport is not None or tf.dport is not None) and tf.proto is None:
+        raise ValueError("a port filter needs a protocol")
+    if not flags:
+        raise ValueError("empty tuple filter")
+    parts = []
+    if ip:
+        parts.append(_nest(CTA_TUPLE_IP, ip))
+    if proto:
+        parts.append(_nest(CTA_TUPLE_PROTO, proto))
+    return (_nest(CTA_TUPLE_ORIG, *parts)
+            + _nest(CTA_FILTER, _attr(CTA_FILTER_ORIG_FLAGS, struct.pack("=I", flags))))
+
+
+def encode_filtered_delete(seq: int, mark: Optional[int] = None, mark_mask: int = 0xFFFFFFFF,
+                           status: Optional[int] = None, status_mask: int = 0,
+                           tuple_filter: Optional[TupleFilter] = None) -> bytes:
+    """One IPCTNL_MSG_CT_DELETE without a tuple: the kernel flushes what matches.
+
+    Without a tuple filter the family is AF_UNSPEC and version 0, so both
+    IPv4 and IPv6 entries are considered. With one, the kernel requires the
+    family and compares addresses and ports exactly; ports only for TCP and
+    UDP, hence a protocol number is mandatory with ports.
+    """
+    body = _u32_filter_attrs(mark, mark_mask, status, status_mask)
+    family = AF_UNSPEC
+    if tuple_filter is not None:
+        family = tuple_filter.family
+        body += _tuple_filter_attrs(tuple_filter)
+    elif not body:
+        raise ValueError("refusing an unfiltered delete: it would flush the whole table")
+    return _message(_MSG_CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, seq, family, body)
+
+
+def kernel_version(release: Optional[str] = None) -> Tuple[int, int]:
+    """(major, minor) of the running kernel, (0, 0) when unparsable."""
+    import re
+
+    m = re.match(r"(\d+)\.(\d+)", release if release is not None else os.uname().release)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+# Kernel-side filtered delete is a flush with a filter; a kernel that does not
+# understand the filter flushes the whole namespace. So the features are
+# gated on the versions that introduced them, not only on error replies:
+# mark+status filters (CTA_STATUS_MASK) are in 6.1, tuple filters on flush
+# (CTA_FILTER) in 6.12. Older kernels that know CTA_FILTER answer EOPNOTSUPP.
+# Dumps are pre-filtered by tuple from 5.8 (older kernels ignore the filter
+# and dump everything, which is merely slower).
+FILTER_FEATURE_VERSIONS = {"mark": (6, 1), "status": (6, 1), "tuple": (6, 12),
+                           "dump_tuple": (5, 8)}
+
+
+# ---------------------------------------------------------------------------
+# Streaming dump and batched writes on a CtnetlinkSocket.
+
+
+class Dump:
+    """A streaming dump of the socket's namespace (both families by default).
+
+    Iterate it for CtEntry values. It is always read to NLMSG_DONE, also
+    when the consumer stops early or raises (the generator's cleanup drains
+    the rest unparsed), because an abandoned dump makes the socket's next
+    dump fail with EBUSY. Error replies to batched writes sent meanwhile on
+    the same socket are routed to the socket's error tally.
+    Only the current receive chunk is held: memory does not grow with the table.
+    """
+
+    def __init__(self, ct: "CtnetlinkSocket", family: int = AF_UNSPEC,
+                 mark: Optional[int] = None, mark_mask: int = 0xFFFFFFFF,
+                 status: Optional[int] = None, status_mask: int = 0,
+                 tuple_filter: Optional[TupleFilter] = None) -> None:
+        self._ct = ct
+        self._draining = False
+        self.done = False
+        self.messages = 0
+        self.duplicates = 0
+        self._request = (family, mark, mark_mask, status, status_mask, tuple_filter)
+
+    def drain(self) -> None:
+        """Stop decoding; remaining messages are read and thrown away."""
+        self._draining = True
+
+    def __iter__(self) -> Iterator[CtEntry]:
+        return self._run()
+
+    def _run(self) -> Iterator[CtEntry]:
+        ct = self._ct
+        sock = ct.sock
+        if ct._dump_active:
+            raise CtnetlinkError(errno.EBUSY, "a dump is already running on this socket")
+        seq = ct.next_seq()
+        sock.send(encode_dump_request(seq, *self._request))
+        ct._dump_active = True
+        buf = ct._dump_buf
+        unpack_hdr = _HDR.unpack_from
+        parse = _decode
+        prev_ids: set = set()
+        try:
+            while True:
+                try:
+                    n = sock.recv_into(buf)
+                except OSError as exc:
+                    if exc.errno == errno.ENOBUFS:
+                        # Only unicast error replies get dropped; the dump
+                        # itself waits for room and loses nothing.
+                        ct.errors_lost += 1
+                        continue
+                    raise
+                off = 0
+                cur_ids: set = set()
+                while off + 16 <= n:
+                    mlen, mtype, _flags, mseq, _pid = unpack_hdr(buf, off)
+                    if mlen < 16:
+                        break
+                    if mseq == seq:
+                        if mtype == _MSG_CT_NEW:
+                            self.messages += 1
+                            if not self._draining:
+                                e = parse(buf, off, mlen)
+                                if e is not None:
+                                    eid = e.id
+                                    # A delete of the entry the kernel parked
+                                    # its cursor on makes it re-walk that
+                                    # bucket: skip the repeats.
+                                    if eid in prev_ids or eid in cur_ids:
+                                        self.duplicates += 1
+                                    else:
+                                        cur_ids.add(eid)
+                                        yield e
+                        elif mtype == NLMSG_DONE:
+                            self.done = True
+                            return
+                        elif mtype == NLMSG_ERROR:
+                            err = -_ERRNO.unpack_from(buf, off + 16)[0]
+                            self.done = True  # an error reply ends the dump
+                            if err:
+                                raise CtnetlinkError(err, "ctnetlink dump: %s" % os.strerror(err))
+                            return
+                    elif mtype == NLMSG_ERROR:
+                        ct._note_error(-_ERRNO.unpack_from(buf, off + 16)[0])
+                    off += (mlen + 3) & ~3
+                prev_ids = cur_ids
+        finally:
+            if not self.done:
+                self._draining = True
+                self._finish(seq)
+            ct._dump_active = False
+
+    def _finish(self, seq: int) -> None:
+        ct = self._ct
+        sock = ct.sock
+        buf = ct._dump_buf
+        while True:
+            try:
+                n = sock.recv_into(buf)
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    ct.errors_lost += 1
+                    continue
+                raise
+            off = 0
+            while off + 16 <= n:
+                mlen, mtype, _flags, mseq, _pid = _HDR.unpack_from(buf, off)
+                if mlen < 16:
+                    break
+                if mtype == NLMSG_ERROR:
+                    if mseq == seq:
+                        self.done = True
+                        return
+                    ct._note_error(-_ERRNO.unpack_from(buf, off + 16)[0])
+                elif mseq == seq:
+                    if mtype == NLMSG_DONE:
+                        self.done = True
+                        return
+                    self.messages += 1
+                off += (mlen + 3) & ~3
+
+
+class BulkWriter:
+    """Batched deletes / timeout updates: ``batch`` messages per send, no acks.
+
+    Without NLM_F_ACK the kernel stays silent on success and still answers
+    failures, so the error tally is complete unless the receive buffer
+    overflowed (counted in ``errors_lost``). Requests are executed inside
+    send(), so when ``flush`` returns the kernel has acted on them.
+    """
+
+    def __init__(self, ct: "CtnetlinkSocket", batch: int = 256) -> None:
+        if batch < 1:
+            raise ValueError("batch must be >= 1")
+        self._ct = ct
+        self._batch = batch
+        self._buf = bytearray()
+        self._pending = 0
+        self.sent = 0
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def delete(self, entry: CtEntry) -> bool:
+        """Queue a CTA_ID-guarded delete; True when this call sent a batch."""
+        self._buf += encode_delete(entry, self._ct.next_seq())
+        self._pending += 1
+        if self._pending >= self._batch:
+            self.flush()
+            return True
+        return False
+
+    def set_timeout(self, entry: CtEntry, timeout: int) -> bool:
+        """Queue a CTA_TIMEOUT update; True when this call sent a batch."""
+        self._buf += encode_set_timeout(entry, timeout, self._ct.next_seq())
+        self._pending += 1
+        if self._pending >= self._batch:
+            self.flush()
+            return True
+        return False
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        self._ct.sock.send(self._buf)
+        self.sent += self._pending
+        self._pending = 0
+        self._buf = bytearray()
