@@ -1,0 +1,248 @@
+"""The D-Bus object: properties, root-only methods, error mapping, the Decision
+signal, and query_daemon, on a private dbus-daemon (no system bus touched)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("gi")
+pytest.importorskip("pydbus")
+
+from conntrack_agent import dbus_service  # noqa: E402
+from conntrack_agent.policy import Decision  # noqa: E402
+
+AGENT_DIR = str(Path(__file__).resolve().parents[2] / "agent")
+
+
+class FakeAgent:
+    def __init__(self, snapshot=None, evaluate=None) -> None:
+        self._snapshot = snapshot or {}
+        self._evaluate = evaluate or (lambda: [])
+        self.decision_listeners = []
+
+    def snapshot(self):
+        return self._snapshot
+
+    def evaluate(self):
+        return self._evaluate()
+
+
+def _obj(agent=None, reload=lambda: True, uid=0, failures=None):
+    failures = [] if failures is None else failures
+    uid_of = uid if callable(uid) else (lambda sender: uid)
+    return dbus_service.AgentObject(agent or FakeAgent(), reload, uid_of, lambda m, e: failures.append((m, e)))
+
+
+CALLER = SimpleNamespace(sender=":1.42")
+
+
+def test_properties_come_from_the_snapshot() -> None:
+    obj = _obj(FakeAgent({"count": 41234, "max": 262144, "buckets": 65536, "usage": 0.157, "fill_rate": 120.0,
+                          "time_to_full": None, "last_decision": "raise_max 1→2: r", "policy_path": "/etc/p.toml",
+                          "dry_run": True}))
+    assert (obj.Count, obj.Max, obj.Buckets) == (41234, 262144, 65536)
+    assert (obj.Usage, obj.FillRate, obj.TimeToFull) == (0.157, 120.0, -1.0)
+    assert (obj.LastDecision, obj.PolicyPath, obj.DryRun) == ("raise_max 1→2: r", "/etc/p.toml", True)
+    assert _obj(FakeAgent({"time_to_full": 12.5})).TimeToFull == 12.5
+
+
+def test_methods_refuse_non_root_callers() -> None:
+    reloads = []
+    obj = _obj(reload=lambda: reloads.append(1) or True, uid=1000)
+    for call in (obj.Reload, obj.Evaluate):
+        with pytest.raises(dbus_service.AccessDenied) as err:
+            call(dbus_context=CALLER)
+        assert type(err.value).__name__ == "org.freedesktop.DBus.Error.AccessDenied"
+        assert "uid 1000" in str(err.value)
+    assert reloads == []
+
+
+def test_an_unidentifiable_caller_is_refused() -> None:
+    def lookup(sender):
+        raise RuntimeError("bus gone")
+    with pytest.raises(dbus_service.AccessDenied):
+        _obj(uid=lookup).Reload(dbus_context=CALLER)
+    with pytest.raises(dbus_service.AccessDenied):
+        _obj().Reload(dbus_context=None)
+
+
+def test_reload_maps_an_invalid_policy_to_its_own_error() -> None:
+    _obj(reload=lambda: True).Reload(dbus_context=CALLER)
+    with pytest.raises(dbus_service.PolicyInvalid) as err:
+        _obj(reload=lambda: False).Reload(dbus_context=CALLER)
+    assert type(err.value).__name__ == "io.github.conntrack_agent1.Error.PolicyInvalid"
+
+
+def test_internal_errors_become_failed_and_are_logged() -> None:
+    failures = []
+
+    def broken():
+        raise KeyError("sampler")
+    obj = _obj(FakeAgent(evaluate=broken), failures=failures)
+    with pytest.raises(dbus_service.Failed) as err:
+        obj.Evaluate(dbus_context=CALLER)
+    assert type(err.value).__name__ == "org.freedesktop.DBus.Error.Failed"
+    assert "KeyError" in str(err.value)
+    assert failures and failures[0][0] == "Evaluate"
+
+
+def test_evaluate_describes_each_decision() -> None:
+    plan = [Decision("raise_max", "grow-table", "usage 80% >= 75%", "", False, 1024, 2048),
+            Decision("max_at_ceiling", "grow-table", "at the ceiling", "", False, 4096, 4096, is_action=False)]
+    lines = _obj(FakeAgent(evaluate=lambda: plan)).Evaluate(dbus_context=CALLER)
+    assert lines == ["grow-table: would raise_max 1024→2048: usage 80% >= 75%",
+                     "grow-table: notice max_at_ceiling: at the ceiling"]
+    assert _obj().Evaluate(dbus_context=CALLER) == ["nothing to do: no rule's trigger holds"]
+
+
+# ---------------------------------------------------------------------- on a real (private) bus
+
+_BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path={path}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow receive_sender="*"/>
+  </policy>
+</busconfig>
+"""
+
+_SERVER = r"""
+import sys
+from types import SimpleNamespace
+from gi.repository import GLib
+from conntrack_agent import dbus_service
+from conntrack_agent.policy import Decision
+
+class Agent:
+    decision_listeners = []
+    def snapshot(self):
+        return {"count": 5000, "max": 8192, "buckets": 8192, "usage": 0.61, "fill_rate": 42.0,
+                "time_to_full": 76.2, "last_decision": "raise_max 4096→8192: busy", "policy_path": "/p.toml",
+                "dry_run": False}
+    def evaluate(self):
+        return [Decision("raise_max", "grow-table", "usage 61%", "", False, 8192, 16384)]
+
+agent = Agent()
+published = dbus_service.publish(agent, lambda: False, lambda m, e: None, lambda: None)
+def decide():
+    for listener in agent.decision_listeners:
+        listener(Decision("raise_max", "grow-table", "usage 61%", "web", False, 8192, 16384))
+    return True
+GLib.timeout_add(100, decide)
+print("ready", flush=True)
+GLib.MainLoop().run()
+"""
+
+_CLIENT = r"""
+import json
+from gi.repository import Gio, GLib
+from conntrack_agent import dbus_service
+out = {"snapshot": dbus_service.query_daemon()}
+con = Gio.bus_get_sync(Gio.BusType.SYSTEM, None)
+def call(method):
+    try:
+        reply = con.call_sync(dbus_service.BUS_NAME, dbus_service.OBJECT_PATH, dbus_service.INTERFACE, method,
+                              None, None, Gio.DBusCallFlags.NONE, 2000, None)
+        return {"ok": reply.unpack()}
+    except GLib.Error as e:
+        return {"error": Gio.DBusError.get_remote_error(e), "message": e.message}
+out["evaluate"] = call("Evaluate")
+out["reload"] = call("Reload")
+got = []
+loop = GLib.MainLoop()
+def on_signal(con, sender, path, iface, name, params):
+    got.append(params.unpack()); loop.quit()
+con.signal_subscribe(dbus_service.BUS_NAME, dbus_service.INTERFACE, "Decision", dbus_service.OBJECT_PATH,
+                     None, Gio.DBusSignalFlags.NONE, on_signal)
+GLib.timeout_add(3000, loop.quit)
+loop.run()
+out["signal"] = got[0] if got else None
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture
+def private_bus(tmp_path: Path):
+    daemon = shutil.which("dbus-daemon")
+    if daemon is None:
+        pytest.skip("dbus-daemon not installed")
+    conf = tmp_path / "bus.conf"
+    path = tmp_path / "bus.socket"
+    conf.write_text(_BUS_CONFIG.format(path=path))
+    proc = subprocess.Popen([daemon, "--config-file", str(conf), "--nofork", "--nopidfile"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 5
+    while not path.exists():
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            pytest.fail("private dbus-daemon did not start: %s" % proc.stderr.read().decode())
+        time.sleep(0.02)
+    env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS="unix:path=%s" % path,
+               PYTHONPATH=AGENT_DIR + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    yield env
+    proc.terminate()
+    proc.wait(timeout=5)
+
+
+def test_on_a_bus_anyone_reads_root_calls_and_decisions_are_signalled(private_bus) -> None:
+    server = subprocess.Popen([sys.executable, "-c", _SERVER], env=private_bus, stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        out = json.loads(subprocess.run([sys.executable, "-c", _CLIENT], env=private_bus, capture_output=True,
+                                        text=True, timeout=30, check=True).stdout)
+        assert out["snapshot"] == {"count": 5000, "max": 8192, "buckets": 8192, "usage": 0.61, "fill_rate": 42.0,
+                                   "time_to_full": 76.2, "last_decision": "raise_max 4096→8192: busy",
+                                   "policy_path": "/p.toml", "dry_run": False}
+        if os.geteuid() == 0:
+            assert out["evaluate"] == {"ok": [["grow-table: would raise_max 8192→16384: usage 61%"]]}
+            assert out["reload"]["error"] == "io.github.conntrack_agent1.Error.PolicyInvalid"
+        else:  # the bus policy here allows everything: the refusal is the agent's own check
+            assert out["evaluate"]["error"] == "org.freedesktop.DBus.Error.AccessDenied"
+            assert out["reload"]["error"] == "org.freedesktop.DBus.Error.AccessDenied"
+        assert out["signal"] == ["raise_max", "grow-table", "web", False, 8192, 16384, "usage 61%"]
+    finally:
+        server.kill()
+        server.wait(timeout=5)
+
+
+def test_query_daemon_without_a_daemon_is_none(private_bus) -> None:
+    code = "from conntrack_agent import dbus_service; print(dbus_service.query_daemon())"
+    out = subprocess.run([sys.executable, "-c", code], env=private_bus, capture_output=True, text=True, timeout=30)
+    assert out.stdout.strip() == "None", out.stderr
+
+
+def test_query_daemon_without_a_bus_is_none(tmp_path: Path) -> None:
+    env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS="unix:path=%s" % (tmp_path / "none"), PYTHONPATH=AGENT_DIR)
+    code = "from conntrack_agent import dbus_service; print(dbus_service.query_daemon())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30)
+    assert out.stdout.strip() == "None", out.stderr
+
+
+def test_the_bus_policy_file_names_what_the_code_exports() -> None:
+    text = (Path(__file__).resolve().parents[2] / "systemd" / "io.github.conntrack_agent1.conf").read_text()
+    assert 'own="%s"' % dbus_service.BUS_NAME in text
+    assert '<deny send_destination="%s"/>' % dbus_service.BUS_NAME in text
+    for member in ("Get", "GetAll"):
+        assert 'send_member="%s"' % member in text
+    # methods of the Agent interface are never opened to the default context
+    assert dbus_service.INTERFACE not in text
+
+
+def test_every_introspected_property_is_implemented() -> None:
+    for name, _ in dbus_service.PROPERTIES:
+        assert isinstance(getattr(dbus_service.AgentObject, name), property), name
