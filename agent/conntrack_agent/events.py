@@ -55,6 +55,11 @@ EVENTS: Dict[str, EventKind] = {
                           "{detail}"),
     "pressure_eased": EventKind("5e0f0f9d4c7a4a51b7d1f3a0c2b6e8d4", INFO,
                                 "conntrack table pressure eased: {count}/{max} ({usage_pct}) in {netns_label}"),
+    "dbus_unavailable": EventKind("9537b0b9e06748c5bf62059adbb62128", WARNING, "{detail}"),
+    "dbus_available": EventKind("cd7b29e7a3244786ab96bde60a66518a", INFO, "{detail}"),
+    "dbus_method_failed": EventKind("84ca770e7c394a2ea7fc4f5b9ea92f0b", ERR, "{detail}"),
+    "tick_failed": EventKind("ef968714a2b74c7cb36fe0c08a15b3d1", ERR,
+                             "tick failed: {error}; the agent tries again in {retry}s"),
     "restore_skipped": EventKind("77c1d2a9e5b04f3c8a6d9e2f1b0c4a57", WARNING,
                                  "not restoring {name} in {netns_label}: {reason}"),
 }

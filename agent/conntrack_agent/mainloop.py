@@ -158,11 +158,8 @@ class Supervisor:
 
 
 def _log(log: Any, kind: str, priority: int, sentence: str, **fields: Any) -> None:
-    """An event of the registry (events.EVENTS) through logsetup.emit; a kind not
-    (yet) registered keeps its own sentence and priority."""
-    if kind in events.EVENTS:
-        fields.pop("exc_info", None)
-        logsetup.emit(log, kind, **fields)
-        return
-    level = {events.ERR: "error", events.WARNING: "warning"}.get(priority, "info")
-    getattr(log, level)(kind, message=sentence, priority=priority, **fields)
+    """An event of the registry (events.EVENTS) through logsetup.emit; the call
+    site's sentence is the event's detail."""
+    fields.pop("exc_info", None)
+    fields.setdefault("retry", RETRY_AFTER_ERROR)
+    logsetup.emit(log, kind, detail=sentence, **fields)

@@ -26,7 +26,9 @@ from .state import StateFile
 # While nothing can be read (nf_conntrack not loaded, namespace missing), look again
 # this often: loading the module is an operator's act, not an emergency.
 REPROBE_INTERVAL = 5.0
-EXIT_CONFIG = 78  # EX_CONFIG: the unit's RestartPreventExitStatus stops a restart loop
+EXIT_CONFIG = 78
+# After a tick raised (a kernel answer the agent did not expect), try again this soon.
+TICK_RETRY = 1.0  # EX_CONFIG: the unit's RestartPreventExitStatus stops a restart loop
 
 
 class Agent:
@@ -275,7 +277,11 @@ def run_simple(agent: Agent, notifier: Any = None, once: bool = False) -> int:
             return 0
         watchdog = notifier.watchdog_interval()
         while True:
-            delay = agent.tick()
+            try:
+                delay = agent.tick()
+            except Exception as exc:  # noqa: BLE001 - keep ticking; systemd's watchdog judges persistence
+                logsetup.emit(agent.log, "tick_failed", error=f"{type(exc).__name__}: {exc}", retry=TICK_RETRY)
+                delay = TICK_RETRY
             notifier.status(agent.status_line())
             notifier.watchdog()
             if watchdog is not None:
