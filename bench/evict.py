@@ -153,8 +153,9 @@ def one_run(rig, name: str, size: int, tool: str) -> dict:
         else:
             res = run_agent(ns, scenario)
             if res["path"] != scenario["expect_path"]:
-                raise RuntimeError("%s took the %s path, expected %s"
-                                   % (name, res["path"], scenario["expect_path"]))
+                # e.g. no filtered delete before 6.1: the row shows the path taken
+                print("note: %s took the %s path (expected %s)"
+                      % (name, res["path"], scenario["expect_path"]), file=sys.stderr)
         # Empty the namespace with one kernel flush before it is deleted, so
         # the next run does not compete with the netns cleanup worker.
         ns.run("conntrack -F", check=False)

@@ -27,7 +27,7 @@ import os
 import socket
 import struct
 from collections import Counter
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 __all__ = [
     "ConntrackUnavailable",
@@ -213,34 +213,15 @@ def _align4(n: int) -> int:
     return (n + 3) & ~3
 
 
-def _open_netns_fd(netns: str) -> int:
-    # A bare name means /run/netns/NAME (what `ip netns` manages); a path is
-    # used as is, so /proc/PID/ns/net works too. Opening never creates.
-    path = netns if "/" in netns else os.path.join("/run/netns", netns)
-    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-
-
-def setns(fd: int, nstype: int = 0) -> None:
-    """setns(2) for the calling thread (os.setns only exists from Python 3.12)."""
-    if hasattr(os, "setns"):
-        os.setns(fd, nstype)
-        return
-    import ctypes  # only paid for when a named namespace is watched
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, nstype) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
 class CtnetlinkSocket:
     """A kept-open ctnetlink socket bound to one network namespace.
 
-    ``netns``: None for the caller's namespace, a name under /run/netns, or a
-    path to a namespace file. The socket is created inside that namespace
-    and the thread switches straight back; the socket keeps answering for
-    the namespace it was born in. A missing namespace raises
-    FileNotFoundError: it is never created.
+    ``netns``: None for the caller's namespace, a name under /run/netns, or an
+    absolute path to a namespace file. The socket is created inside that
+    namespace and the thread switches straight back (netns.entered); the
+    socket keeps answering for the namespace it was born in. A missing
+    namespace raises netns.NamespaceMissing (an OSError, ENOENT): it is never
+    created.
     """
 
     def __init__(self, netns: Optional[str] = None, rcvbuf: int = 1 << 20) -> None:
@@ -248,26 +229,27 @@ class CtnetlinkSocket:
         if netns is None:
             self._sock = self._open(rcvbuf)
         else:
-            target = _open_netns_fd(netns)
-            try:
-                home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    setns(target, 0)
-                    try:
-                        self._sock = self._open(rcvbuf)
-                    finally:
-                        setns(home, 0)
-                finally:
-                    os.close(home)
-            finally:
-                os.close(target)
+            from conntrack_agent.netns import entered
+
+            with entered(netns):
+                self._sock = self._open(rcvbuf)
+        self._setup()
+
+    @classmethod
+    def from_socket(cls, sock: socket.socket) -> "CtnetlinkSocket":
+        """Wrap an already bound NETLINK_NETFILTER socket (e.g. one opened
+        in a namespace by other means); it is closed with this object."""
+        self = cls.__new__(cls)
+        self._sock = sock
+        self._setup()
+        return self
+
+    def _setup(self) -> None:
         self._seq = 1
-        # One receive buffer for every request: a stats reply is ~48 bytes,
-        # a dump chunk at most a page-sized skb per recv (the kernel fills up
-        # to ~32 KiB with NLM_F_DUMP when the buffer allows), so 64 KiB never
-        # truncates and is never reallocated.
+        # Receive buffers are allocated once: a stats reply is 36 bytes and
+        # the kernel never builds a dump skb above 32 KiB, so 64 KiB never
+        # truncates a read.
         self._buf = bytearray(65536)
-        self._view = memoryview(self._buf)
         self._stats_req = bytearray(
             _HDR.pack(20, _MSG_STATS, NLM_F_REQUEST, 0, 0) + bytes(4)
         )
@@ -461,6 +443,17 @@ class CtnetlinkSocket:
     def writer(self, batch: int = 256) -> "BulkWriter":
         return BulkWriter(self, batch)
 
+    def _recv(self, buf: bytearray, flags: int = 0) -> int:
+        """recv_into that survives ENOBUFS: only unicast error replies get
+        dropped on overflow (counted), a dump waits for room and loses nothing."""
+        while True:
+            try:
+                return self.sock.recv_into(buf, 0, flags)
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                self.errors_lost += 1
+
     def _note_error(self, err: int) -> None:
         if err:
             self.errors[err] += 1
@@ -473,18 +466,12 @@ class CtnetlinkSocket:
         """
         if self._dump_active:
             self._busy()
-        sock = self.sock
         buf = self._buf
         while True:
             try:
-                n = sock.recv_into(buf, 0, socket.MSG_DONTWAIT)
+                n = self._recv(buf, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 break
-            except OSError as exc:
-                if exc.errno == errno.ENOBUFS:
-                    self.errors_lost += 1
-                    continue
-                raise
             off = 0
             while off + 16 <= n:
                 mlen, mtype, _flags, _seq, _pid = _HDR.unpack_from(buf, off)
@@ -1090,15 +1077,7 @@ class Dump:
         prev_ids: set = set()
         try:
             while True:
-                try:
-                    n = sock.recv_into(buf)
-                except OSError as exc:
-                    if exc.errno == errno.ENOBUFS:
-                        # Only unicast error replies get dropped; the dump
-                        # itself waits for room and loses nothing.
-                        ct.errors_lost += 1
-                        continue
-                    raise
+                n = ct._recv(buf)
                 off = 0
                 cur_ids: set = set()
                 while off + 16 <= n:
@@ -1141,16 +1120,9 @@ class Dump:
 
     def _finish(self, seq: int) -> None:
         ct = self._ct
-        sock = ct.sock
         buf = ct._dump_buf
         while True:
-            try:
-                n = sock.recv_into(buf)
-            except OSError as exc:
-                if exc.errno == errno.ENOBUFS:
-                    ct.errors_lost += 1
-                    continue
-                raise
+            n = ct._recv(buf)
             off = 0
             while off + 16 <= n:
                 mlen, mtype, _flags, mseq, _pid = _HDR.unpack_from(buf, off)

@@ -91,8 +91,8 @@ class EvictSpec:
     dport: Optional[int] = None
     timeout_below: Optional[float] = None
     include_established: bool = False
-    budget_entries: int = 100_000
-    budget_seconds: float = 1.0
+    budget_entries: int = 50_000
+    budget_seconds: float = 0.5
     target_usage: Optional[float] = None
 
     def __post_init__(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import statistics
 import sys
@@ -77,8 +78,9 @@ def test_socket_reports_the_namespace_it_was_created_in():
 
 def test_missing_namespace_is_never_created():
     name = "ctatest-missing-%d" % os.getpid()
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(OSError) as exc:
         CtnetlinkSocket(netns=name)
+    assert exc.value.errno == errno.ENOENT
     assert not os.path.exists("/run/netns/" + name)
 
 
