@@ -19,7 +19,7 @@ import signal
 import time
 from typing import Any, Optional
 
-from . import events, logsetup, sdnotify, service
+from . import logsetup, sdnotify, service
 
 # When tick() raises (a bug, or the kernel failing in a way the agent does not
 # handle) the loop logs it and tries again after this many seconds.
@@ -34,7 +34,7 @@ def run(agent: Any, notifier: Any = None) -> int:
     try:
         from . import dbus_service
     except ImportError as exc:
-        _log(agent.log, "dbus_unavailable", events.NOTICE,
+        _log(agent.log, "dbus_unavailable",
              f"D-Bus API not offered: {exc}; running without it (install python3-gi and python3-pydbus)",
              error=str(exc))
         return service.run_simple(agent, notifier)
@@ -86,7 +86,7 @@ class Supervisor:
             self._publish_attempts += 1
             if not self._bus_missing:  # once per outage, not once per attempt
                 self._bus_missing = True
-                _log(self.agent.log, "dbus_unavailable", events.WARNING,
+                _log(self.agent.log, "dbus_unavailable",
                      f"D-Bus API not offered yet: cannot own {self.dbus.BUS_NAME} on the system bus ({exc}); "
                      "the agent works without it and keeps trying", error=str(exc))
             self.loop.call_later(delay, self._publish)
@@ -94,7 +94,7 @@ class Supervisor:
         self._publish_attempts = 0
         if self._bus_missing:
             self._bus_missing = False
-            _log(self.agent.log, "dbus_available", events.INFO,
+            _log(self.agent.log, "dbus_available",
                  f"D-Bus API offered as {self.dbus.BUS_NAME}")
 
     def _bus_lost(self) -> None:
@@ -102,13 +102,13 @@ class Supervisor:
             return
         self.bus = None
         self._bus_missing = True
-        _log(self.agent.log, "dbus_unavailable", events.WARNING,
+        _log(self.agent.log, "dbus_unavailable",
              "the system bus connection closed; the agent works without the D-Bus API until it is back",
              error="connection closed")
         self.loop.call_later(PUBLISH_RETRY[0], self._publish)
 
     def _method_failed(self, method: str, exc: BaseException) -> None:
-        _log(self.agent.log, "dbus_method_failed", events.ERR, f"D-Bus {method}() failed: {exc}",
+        _log(self.agent.log, "dbus_method_failed", f"D-Bus {method}() failed: {exc}",
              method=method, error=f"{type(exc).__name__}: {exc}", exc_info=exc)
 
     # ------------------------------------------------------------------ reactions
@@ -120,7 +120,7 @@ class Supervisor:
         except Exception as exc:  # noqa: BLE001 - keep ticking; the watchdog judges persistence
             if self.failing_since is None:
                 self.failing_since = self.clock()
-            _log(self.agent.log, "tick_failed", events.ERR, f"tick failed: {type(exc).__name__}: {exc}",
+            _log(self.agent.log, "tick_failed", f"tick failed: {type(exc).__name__}: {exc}",
                  error=f"{type(exc).__name__}: {exc}", exc_info=exc)
             delay = RETRY_AFTER_ERROR
         self.notifier.status(self.agent.status_line())
@@ -157,7 +157,7 @@ class Supervisor:
         self.loop.quit()
 
 
-def _log(log: Any, kind: str, priority: int, sentence: str, **fields: Any) -> None:
+def _log(log: Any, kind: str, sentence: str, **fields: Any) -> None:
     """An event of the registry (events.EVENTS) through logsetup.emit; the call
     site's sentence is the event's detail."""
     fields.pop("exc_info", None)

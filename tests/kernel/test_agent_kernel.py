@@ -17,7 +17,7 @@ from typing import Dict, List
 
 import pytest
 
-from conntrack_agent import config, logsetup, procfs, sampler
+from conntrack_agent import config, procfs, sampler
 from conntrack_agent.executor import Executor
 from conntrack_agent.policy import Decision
 from conntrack_agent.state import StateFile
