@@ -78,12 +78,37 @@ def build_parser() -> argparse.ArgumentParser:
                          help="restore max even when the table holds more entries than the original allows, "
                               "and values another writer changed since")
 
-    try:
-        from . import evict_cli
-    except ImportError:
-        evict_cli = None
-    if evict_cli is not None:
-        evict_cli.add_parser(sub, _config_arg)
+    evict = sub.add_parser(
+        "evict", help="remove or age out selected entries now (preview with --dry-run)",
+        description="Sweep the table once with the given selectors, as an evict rule would: a preview "
+                    "with --dry-run (counts by protocol and state, top talkers), or for real. Selectors "
+                    "start from --rule's [rule.evict] table when given. Assured ESTABLISHED TCP entries "
+                    "are never selected without --include-established.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _config_arg(evict)
+    evict.add_argument("--dry-run", action="store_true", help="count what would be removed; change nothing")
+    evict.add_argument("--rule", metavar="NAME", help="start from this policy rule's selectors")
+    evict.add_argument("--netns", metavar="NAME", default="", help="namespace under /run/netns (default: own)")
+    evict.add_argument("--mode", choices=("delete", "age"), help="delete, or age: shorten the remaining timeout")
+    evict.add_argument("--age-timeout", metavar="DURATION", help='timeout given in age mode, e.g. "10s"')
+    evict.add_argument("--proto", action="append", metavar="PROTO", choices=config.PROTOCOLS,
+                       help="protocol (repeatable): " + ", ".join(config.PROTOCOLS))
+    evict.add_argument("--state", action="append", metavar="STATE", choices=config.TCP_STATES,
+                       help="TCP state (repeatable): " + ", ".join(config.TCP_STATES))
+    evict.add_argument("--status", choices=("any", "unreplied", "not_assured", "assured"))
+    evict.add_argument("--mark", metavar="MARK[/MASK]", help="conntrack mark, e.g. 0x10/0xff")
+    evict.add_argument("--zone", type=int)
+    evict.add_argument("--src", metavar="CIDR", help="original source address or CIDR")
+    evict.add_argument("--dst", metavar="CIDR", help="original destination address or CIDR")
+    evict.add_argument("--sport", type=int)
+    evict.add_argument("--dport", type=int)
+    evict.add_argument("--timeout-below", metavar="DURATION", help="remaining timeout below this (idle for long)")
+    evict.add_argument("--include-established", action="store_true",
+                       help="also select assured ESTABLISHED TCP entries (live connections)")
+    evict.add_argument("--budget-entries", type=int, metavar="N", help="at most N entries (0: no bound)")
+    evict.add_argument("--budget-time", metavar="DURATION", help='at most this long, e.g. "2s" ("0s": no bound)')
+    evict.add_argument("--target-usage", type=float, metavar="RATIO", help="stop once usage is at or below this")
+    evict.add_argument("--json", action="store_true", help="machine-readable report")
     return parser
 
 
@@ -94,10 +119,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return EXIT_FAIL
     handler = {"run": cmd_run, "check": cmd_check, "plan": cmd_plan, "status": cmd_status,
-               "restore": cmd_restore}.get(args.command)
-    if handler is None:
-        from . import evict_cli
-        handler = evict_cli.cmd_evict
+               "restore": cmd_restore, "evict": cmd_evict}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -290,3 +312,89 @@ def cmd_restore(args: argparse.Namespace) -> int:
             print(f"{where}: cannot restore: {exc.strerror or exc}", file=sys.stderr)
             failures += 1
     return EXIT_FAIL if failures else EXIT_OK
+
+
+def _evict_selection(args: argparse.Namespace, policy: config.Policy) -> config.Evict:
+    """The policy rule's [rule.evict] (or the defaults), with the command line on top."""
+    from dataclasses import replace
+
+    base = config.Evict(budget_entries=0, budget_time=0.0) if not args.rule else None
+    if args.rule:
+        rule = next((r for r in policy.rules if r.name == args.rule), None)
+        if rule is None or rule.action != "evict":
+            known = ", ".join(r.name for r in policy.rules if r.action == "evict") or "none"
+            raise ValueError(f"--rule {args.rule}: no evict rule of that name (evict rules: {known})")
+        base = rule.evict
+    changes: dict = {}
+    for name in ("mode", "status", "zone", "src", "dst", "sport", "dport", "budget_entries", "target_usage"):
+        value = getattr(args, name)
+        if value is not None:
+            changes[name] = value
+    if args.proto:
+        changes["protocols"] = tuple(args.proto)
+    if args.state:
+        changes["tcp_states"] = tuple(args.state)
+    if args.include_established:
+        changes["include_established"] = True
+    for name in ("age_timeout", "timeout_below", "budget_time"):
+        value = getattr(args, name)
+        if value is not None:
+            try:
+                changes[name] = config.parse_duration(value)
+            except ValueError:
+                raise ValueError(f"--{name.replace('_', '-')}: not a duration: {value!r} (e.g. \"10s\")") from None
+    if args.mark is not None:
+        mark, _, mask = args.mark.partition("/")
+        try:
+            changes["mark"] = int(mark, 0)
+            if mask:
+                changes["mark_mask"] = int(mask, 0)
+        except ValueError:
+            raise ValueError(f"--mark: expected MARK or MARK/MASK such as 0x10/0xff, got {args.mark!r}") from None
+    return replace(base, **changes)
+
+
+_SELECTORS = ("proto", "state", "mark", "zone", "src", "dst", "sport", "dport", "timeout_below")
+
+
+def cmd_evict(args: argparse.Namespace) -> int:
+    from . import ctnetlink, evict, netns
+    from .executor import evict_fields
+
+    try:
+        policy = _load(args) if args.rule else config.loads(b"", "<built-in>")
+    except config.PolicyError as exc:
+        print(f"policy invalid:\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        selection = _evict_selection(args, policy)
+        spec = evict.evict_spec(selection)
+    except ValueError as exc:
+        print(f"conntrack-agent evict: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    named = any(getattr(args, s) is not None for s in _SELECTORS) or args.status not in (None, "any")
+    if not args.dry_run and not args.rule and not named:
+        print("conntrack-agent evict: name at least one selector (or --rule) to evict for real; "
+              "--dry-run previews any selection", file=sys.stderr)
+        return EXIT_FAIL
+    try:
+        with netns.entered(args.netns):
+            sock = ctnetlink.CtnetlinkSocket()
+    except OSError as exc:
+        print(f"conntrack-agent evict: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAIL
+    try:
+        report = evict.evict(sock, spec, dry_run=args.dry_run)
+    finally:
+        sock.close()
+    fields = evict_fields(report)
+    if args.json:
+        print(json.dumps(dict(fields, dry_run=report.dry_run, max=report.max), default=str))
+        return EXIT_OK
+    verb = "would " + ("age" if spec.mode == "age" else "remove") if args.dry_run else \
+        ("aged" if spec.mode == "age" else "removed")
+    where = f"netns {args.netns}" if args.netns else "this netns"
+    print(f"{verb} {fields['done']} entries in {where}")
+    for part in fields["summary"].split("; "):
+        print(f"  {part}")
+    return EXIT_OK

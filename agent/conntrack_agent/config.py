@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from . import tomlfile
+from . import ctnetlink, tomlfile
 
 ETC_DIR = Path("/etc/conntrack-agent")
 VENDOR_DIR = Path("/usr/lib/conntrack-agent")
@@ -214,9 +214,9 @@ TIMEOUT_FLOORS: Dict[str, float] = {
     "generic_timeout": 60.0,
 }
 
-TCP_STATES = ("SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT",
-              "LAST_ACK", "TIME_WAIT", "CLOSE", "SYN_SENT2")
-PROTOCOLS = ("tcp", "udp", "udplite", "icmp", "icmpv6", "sctp", "dccp", "gre")
+# The names conntrack-tools prints, as the eviction engine matches them.
+TCP_STATES = tuple(s for s in ctnetlink.TCP_STATES if s != "NONE")
+PROTOCOLS = tuple(sorted(set(ctnetlink.PROTO_NAMES.values())))
 DROP_COUNTERS = ("drop", "early_drop", "insert_failed")
 
 
@@ -629,8 +629,7 @@ def _check_rule(rule: Rule, file: str, raw: Dict[str, Any]) -> List[Problem]:
         shown = f"{raw['_label']}.{table}.{key}" if table else f"{raw['_label']}.{key}"
         out.append(Problem(file, line, shown, message))
 
-    if not rule.enabled:
-        return out
+    # Disabled rules are checked too: enabling one later must not reveal old mistakes.
     if not rule.trigger.conditions():
         problem("trigger", "a rule needs at least one trigger: usage_at_least, time_to_full_below "
                 "or counters_increasing")
@@ -655,6 +654,12 @@ def _check_rule(rule: Rule, file: str, raw: Dict[str, Any]) -> List[Problem]:
         usage = rule.trigger.usage_at_least
         if ev.target_usage is not None and usage is not None and ev.target_usage >= usage:
             problem("target_usage", f"must be below the trigger's usage_at_least ({usage:g})", "evict")
+        from .evict import evict_spec  # the engine's own checks (mixed families, states without tcp)
+        try:
+            evict_spec(ev)
+        except ValueError as exc:
+            key = str(exc).split(":", 1)[0].replace("evict.", "").split(" ")[0].split("/")[0]
+            problem(key, str(exc).split(": ", 1)[-1], "evict")
     return out
 
 

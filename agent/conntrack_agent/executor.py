@@ -190,5 +190,33 @@ class Executor:
             report = self.evict_runner(rule.evict, decision.netns, decision.dry_run)
         except OSError as exc:
             return self._failed(decision, exc, fields, f"evict in {netns_label(decision.netns)}")
-        logsetup.emit(self.log, "evict", decision.dry_run, **dict(fields, **report))
+        logsetup.emit(self.log, "evict", decision.dry_run, **dict(fields, **evict_fields(report)))
         return Outcome(applied=not decision.dry_run)
+
+
+def evict_fields(report: Any) -> Dict[str, Any]:
+    """An eviction report as log fields, with the one-line summary the sentence uses."""
+    fields = report.log_fields()
+    fields["path_reason"] = fields.pop("reason")
+    fields.pop("dry_run")   # the decision's own flag is logged
+    fields.pop("max")       # the sample's max is logged
+    fields["done"] = report.matched if report.dry_run else report.done
+    parts = [f"{report.path} filter", f"{report.matched} selected of {report.scanned} scanned"
+             if report.detailed else f"{report.done} removed by the kernel"]
+    if report.by_category:
+        ranked = sorted(report.by_category.items(), key=lambda kv: -kv[1])[:4]
+        parts.append(", ".join(f"{name} {n}" for name, n in ranked))
+    if report.top_sources:
+        parts.append("top sources " + ", ".join(f"{a} {n}" for a, n in report.top_sources[:3]))
+    if report.top_destinations:
+        parts.append("top destinations " + ", ".join(f"{a} {n}" for a, n in report.top_destinations[:3]))
+    parts.append(f"{report.duration_s * 1000:.0f} ms")
+    parts.append(f"usage {report.usage_before:.1%}→{report.usage_after:.1%}")
+    if report.stopped != "complete":
+        parts.append(f"stopped early: {report.stopped.replace('_', ' ')}")
+    if report.gone:
+        parts.append(f"{report.gone} already gone")
+    if report.errors:
+        parts.append("errors " + ", ".join(f"{k} {v}" for k, v in report.errors.items()))
+    fields["summary"] = "; ".join(parts)
+    return fields

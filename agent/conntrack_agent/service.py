@@ -196,6 +196,12 @@ class Agent:
         decisions, _ = policy.decide(sample, self.policy, self.core, self.env)
         return decisions
 
+    def current_usage(self) -> float:
+        """Usage of the fullest watched namespace now, without advancing the fill-rate
+        tracker (an eviction sweep asks this while it works)."""
+        readings = [probe.read(self.clock) for probe in self.sampler.probes.values()]
+        return max((model.usage_of(r.count, r.max) for r in readings), default=0.0)
+
     def snapshot(self) -> Dict[str, Any]:
         sample = self.last_sample
         fields = sample_fields(sample)
@@ -234,12 +240,19 @@ class Agent:
             self.sampler.close()
 
 
-def _evict_runner(agent: Agent) -> Optional[Callable[..., Dict[str, Any]]]:
-    try:
-        from . import evict_adapter
-    except ImportError:
-        return None
-    return evict_adapter.runner(agent)
+def _evict_runner(agent: Agent) -> Callable[..., Any]:
+    def sweep(policy_evict: config.Evict, netns_name: str, dry_run: bool) -> Any:
+        from . import ctnetlink, evict  # paid for at the first sweep, not by an agent that never evicts
+
+        spec = evict.evict_spec(policy_evict)
+        # A socket of its own: a dump owns its socket's receive queue until read to the end.
+        with netns.entered(netns_name):
+            sock = ctnetlink.CtnetlinkSocket()
+        try:
+            return evict.evict(sock, spec, dry_run=dry_run, usage=agent.current_usage, log=agent.log)
+        finally:
+            sock.close()
+    return sweep
 
 
 # ---------------------------------------------------------------------- plain main loop

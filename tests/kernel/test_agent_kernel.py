@@ -425,3 +425,64 @@ usage_at_least = 0.0
     assert (change["old"], change["new"]) == (raised["new"], outsider)
     assert "backing off" in change["reason"] and change["priority"] == 4
     assert still == outsider                                  # back_off: the agent did not fight
+
+
+# ---------------------------------------------------------------------------- eviction through the agent
+
+
+def test_an_evict_rule_removes_stale_entries_and_spares_live_ones(ns, tmp_path):
+    session = rig.EchoSession(ns, port=7000)
+    rig.flood_udp(ns, 3000)
+    assert session.ping()
+    before = rig.conntrack_count(ns)
+    policy_file = tmp_path / "policy.toml"
+    policy_file.write_text(f"""
+[agent]
+state_file = "{tmp_path}/state.json"
+namespaces = ["{ns.name}"]
+[[rule]]
+name = "grow-table"
+enabled = false
+[[rule]]
+name = "shorten-timeouts"
+enabled = false
+[[rule]]
+name = "evict-stale"
+enabled = true
+cooldown = "1h"
+[rule.trigger]
+usage_at_least = 0.001
+[rule.evict]
+status = "unreplied"
+target_usage = 0.0001
+""")
+    agent = AgentProcess(policy_file)
+    try:
+        event = agent.wait_for(lambda e: e.get("event") == "evict")
+    finally:
+        code = agent.stop()
+    assert code == 0
+    after = rig.conntrack_count(ns)
+    assert event["done"] == 3000 and event["rule"] == "evict-stale" and event["netns"] == ns.name
+    assert event["count_before"] == before and event["count_after"] == after == before - 3000
+    assert "udp 3000" in event["summary"] and event["priority"] == 6
+    assert session.ping()                      # the live connection was not touched
+    assert session.entry() is not None
+
+
+def test_evict_cli_dry_run_previews_without_changing(ns):
+    rig.flood_udp(ns, 500)
+    rig.flood_udp(ns, 200, family=6)
+    before = rig.conntrack_count(ns)
+    cmd = [sys.executable, "-m", "conntrack_agent", "evict", "--netns", ns.name, "--status", "unreplied"]
+    out = subprocess.run(cmd + ["--dry-run", "--json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["done"] == 700 and report["dry_run"] is True
+    assert rig.conntrack_count(ns) == before
+    assert report["top_destinations"][0][1] > 0
+    real = subprocess.run(cmd + ["--proto", "udp", "--dst", "127.0.0.0/8"], capture_output=True, text=True,
+                          timeout=60)
+    assert real.returncode == 0, real.stderr
+    assert real.stdout.startswith("removed 500 entries")
+    assert rig.conntrack_count(ns) == before - 500
