@@ -147,6 +147,9 @@ def run_agent(ns, scenario: dict) -> dict:
 def one_run(rig, name: str, size: int, tool: str) -> dict:
     scenario = SCENARIOS[name]
     with rig.Namespace() as ns:
+        # A live, assured ESTABLISHED flow rides along: no sweep may touch it.
+        live = rig.EchoSession(ns, port=7000)
+        live_id = live.entry()["id"]
         populate(rig, ns, name, size)
         if tool == "conntrack":
             res = run_conntrack(rig, ns, scenario["conntrack"])
@@ -156,6 +159,8 @@ def one_run(rig, name: str, size: int, tool: str) -> dict:
                 # e.g. no filtered delete before 6.1: the row shows the path taken
                 print("note: %s took the %s path (expected %s)"
                       % (name, res["path"], scenario["expect_path"]), file=sys.stderr)
+        entry = live.entry()
+        res["live_kept"] = bool(live.ping() and entry is not None and entry["id"] == live_id)
         # Empty the namespace with one kernel flush before it is deleted, so
         # the next run does not compete with the netns cleanup worker.
         ns.run("conntrack -F", check=False)
@@ -249,6 +254,7 @@ def summarize(name: str, size: int, runs: dict) -> dict:
         "agent_path": agent[0]["path"],
         "agent_done": [r["done"] for r in agent],
         "agent_errors": [r["errors"] for r in agent],
+        "live_kept": all(r["live_kept"] for r in agent),
     }
     ct = runs["conntrack"]
     if ct:
@@ -272,24 +278,26 @@ def render(results, mach: dict, command: str, repeat: int) -> str:
         "- kernel: %s; CPU: %s x %s; RAM: %s" % (mach["kernel"], mach["cpus"], mach["cpu"], mach["mem"]),
         "- Python %s; %s" % (mach["python"], mach["conntrack"]),
         "- medians of %d runs per tool; runs alternate between the tools; each run uses a" % repeat,
-        "  fresh namespace filled with real entries; half of the table is selected.",
+        "  fresh namespace filled with real entries; half of the table is selected. Each",
+        "  namespace also carries one live TCP echo session (assured ESTABLISHED); \"live",
+        "  flow kept\" means its entry (same CTA_ID) survived every agent sweep and still echoed.",
         "- conntrack -D time is the wall time of `ip netns exec NS conntrack ...` (includes",
         "  its start-up, a few ms); the agent's is the `evict()` call inside a child process",
         "  started in the namespace. Peak RSS is the agent child's VmHWM (whole process,",
         "  interpreter included); \"RSS at start\" is its VmRSS just before the sweep.",
         "",
         "| table | scenario | selected | agent path | agent entries/s | conntrack -D entries/s "
-        "| ratio | agent peak RSS | RSS at start |",
-        "| ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| ratio | agent peak RSS | RSS at start | live flow kept |",
+        "| ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in results:
         ct_rate = "%.0f" % r["conntrack_rate"] if "conntrack_rate" in r else "n/a"
         ratio = "%.2fx" % r["ratio"] if r.get("ratio") else "n/a"
         if r.get("same_selection") is False:
             ratio += " (selections differ!)"
-        lines.append("| %d | %s | %d | %s | %.0f | %s | %s | %.1f MB | %.1f MB |" % (
+        lines.append("| %d | %s | %d | %s | %.0f | %s | %s | %.1f MB | %.1f MB | %s |" % (
             r["size"], r["scenario"], r["selected"], r["agent_path"], r["agent_rate"], ct_rate,
-            ratio, r["agent_rss_mb"], r["agent_rss_before_mb"]))
+            ratio, r["agent_rss_mb"], r["agent_rss_before_mb"], "yes" if r["live_kept"] else "NO"))
     lines += [
         "",
         "Targets (issue 3): >= 1.0x conntrack -D where a userspace filter is needed",

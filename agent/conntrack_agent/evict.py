@@ -279,20 +279,7 @@ def _kernel_requests(spec: EvictSpec, features: frozenset) -> Tuple[Optional[Lis
         base.update(mark=spec.mark, mark_mask=spec.mark_mask)
     if not needs_tuple:
         return [base], "kernel filter: mark/status"
-    if nets:
-        families = [AF_INET if nets[0].version == 4 else AF_INET6]
-    else:
-        families = [AF_INET, AF_INET6]
-    requests = []
-    src = _net(spec.src).network_address.packed if spec.src else None
-    dst = _net(spec.dst).network_address.packed if spec.dst else None
-    for fam in families:
-        for proto in (protos or (None,)):
-            if (proto == 1 and fam == AF_INET6) or (proto == 58 and fam == AF_INET):
-                continue  # cannot exist; spare the walk
-            tf = TupleFilter(family=fam, proto=proto, src=src, dst=dst,
-                             sport=spec.sport, dport=spec.dport)
-            requests.append(dict(base, tuple_filter=tf))
+    requests = [dict(base, tuple_filter=tf) for tf in _tuple_filters(spec, protos)]
     if not requests:
         return None, "no protocol/family combination can match"
     if len(requests) > MAX_KERNEL_REQUESTS:
@@ -318,26 +305,36 @@ def _dump_requests(spec: EvictSpec, features: frozenset) -> Tuple[Dict[str, Any]
     protos = spec.effective_protocols()
     if "dump_tuple" not in features or len(protos) > 1:
         return (base,)
-    nets = [_net(a) for a in (spec.src, spec.dst) if a]
-    exact = [n for n in nets if n.num_addresses == 1]
+    exact = [a for a in (spec.src, spec.dst) if a and _net(a).num_addresses == 1]
     if not protos and not exact:
         return (base,)
-    if nets:
-        families = [AF_INET if nets[0].version == 4 else AF_INET6]
-    else:
-        families = [AF_INET, AF_INET6]
-    proto = protos[0] if protos else None
-    ports = proto in _PORT_PROTOS
-    src = _net(spec.src).network_address.packed if spec.src and _net(spec.src).num_addresses == 1 else None
-    dst = _net(spec.dst).network_address.packed if spec.dst and _net(spec.dst).num_addresses == 1 else None
+    return tuple(dict(base, tuple_filter=tf) for tf in _tuple_filters(spec, protos))
+
+
+def _tuple_filters(spec: EvictSpec, protos: Tuple[int, ...]) -> List[TupleFilter]:
+    """One exact-match tuple filter per family x protocol that can exist.
+
+    Single addresses and (TCP/UDP) ports go in; CIDR ranges cannot, the
+    kernel compares whole addresses.
+    """
+    nets = [_net(a) for a in (spec.src, spec.dst) if a]
+    families = [AF_INET if nets[0].version == 4 else AF_INET6] if nets else [AF_INET, AF_INET6]
+
+    def host(text: Optional[str]) -> Optional[bytes]:
+        n = _net(text) if text else None
+        return n.network_address.packed if n is not None and n.num_addresses == 1 else None
+
+    src, dst = host(spec.src), host(spec.dst)
     out = []
     for fam in families:
-        if (proto == 1 and fam == AF_INET6) or (proto == 58 and fam == AF_INET):
-            continue
-        tf = TupleFilter(family=fam, proto=proto, src=src, dst=dst,
-                         sport=spec.sport if ports else None, dport=spec.dport if ports else None)
-        out.append(dict(base, tuple_filter=tf))
-    return tuple(out)
+        for proto in (protos or (None,)):
+            if (proto == 1 and fam == AF_INET6) or (proto == 58 and fam == AF_INET):
+                continue  # cannot exist; spare the walk
+            ports = proto in _PORT_PROTOS
+            out.append(TupleFilter(family=fam, proto=proto, src=src, dst=dst,
+                                   sport=spec.sport if ports else None,
+                                   dport=spec.dport if ports else None))
+    return out
 
 
 def plan(ct: CtnetlinkSocket, spec: EvictSpec, count: int,
@@ -610,3 +607,15 @@ def _run_userspace(ct: CtnetlinkSocket, spec: EvictSpec, chosen: EvictPlan, repo
     report.top_sources = sources.top(top)
     report.top_destinations = destinations.top(top)
     report.talkers_exact = sources.exact and destinations.exact
+
+
+def evict_spec(policy_evict: Any) -> EvictSpec:
+    """The engine's spec from the policy's `[rule.evict]` table (config.Evict)."""
+    return EvictSpec(
+        mode=policy_evict.mode, age_timeout=policy_evict.age_timeout,
+        protocols=policy_evict.protocols, tcp_states=policy_evict.tcp_states, status=policy_evict.status,
+        mark=policy_evict.mark, mark_mask=policy_evict.mark_mask, zone=policy_evict.zone,
+        src=policy_evict.src, dst=policy_evict.dst, sport=policy_evict.sport, dport=policy_evict.dport,
+        timeout_below=policy_evict.timeout_below, include_established=policy_evict.include_established,
+        budget_entries=policy_evict.budget_entries, budget_seconds=policy_evict.budget_time,
+        target_usage=policy_evict.target_usage)

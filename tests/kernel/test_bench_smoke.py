@@ -43,6 +43,7 @@ def test_evict_bench_smoke(tmp_path):
         assert row["agent_done"] == [1000], name
         assert row["agent_rate"] > 0
         assert 0 < row["agent_rss_mb"] < 60
+        assert row["live_kept"] is True, name
         if name != "age_tcp_state":
             assert row["same_selection"] is True, name
             assert row["conntrack_done"] == [1000]
