@@ -14,10 +14,10 @@ venv=$here/.venv
 # PyGObject does not build from PyPI against Debian 12's GLib), and the package builds.
 APT_PACKAGES=(
   python3 python3-venv python3-pip python3-gi python3-pydbus python3-structlog python3-pyroute2
-  nftables conntrack iproute2 procps kmod dbus
+  python3-yaml nftables conntrack iproute2 procps kmod dbus dbus-daemon
   debootstrap systemd-container
   dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-wheel
-  lintian rpm rpmlint
+  python3-pytest groff-base lintian rpm rpmlint
 )
 
 need_root() {

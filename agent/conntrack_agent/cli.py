@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 from . import __version__, config
 
@@ -269,6 +269,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _fullest_count(namespaces: Tuple[str, ...]) -> Tuple[int, str]:
+    """The largest entry count among the watched namespaces: the global max binds each."""
+    from . import netns, procfs
+
+    best, where = 0, "the table"
+    for name in namespaces or ("",):
+        try:
+            with netns.entered(name):
+                count = procfs.read_sysctl("nf_conntrack_count")
+        except OSError:
+            continue
+        if count >= best:
+            best, where = count, (f"netns {name}" if name else "this netns")
+    return best, where
+
+
 def cmd_restore(args: argparse.Namespace) -> int:
     from . import netns, procfs
     from .state import StateError, StateFile
@@ -299,9 +315,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
                           f"{change.applied} (--force restores {change.original} anyway)")
                 else:
                     if change.name == "nf_conntrack_max" and not args.force:
-                        count = procfs.read_sysctl("nf_conntrack_count")
+                        count, fullest = _fullest_count(policy.agent.namespaces)
                         if count >= 0.9 * change.original:
-                            print(f"{where}: not lowered to {change.original}: the table holds {count} entries "
+                            print(f"{where}: not lowered to {change.original}: {fullest} holds {count} entries "
                                   "and new connections would be dropped (--force to do it anyway)")
                             failures += 1
                             continue

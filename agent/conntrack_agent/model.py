@@ -89,11 +89,17 @@ def time_to_full(count: int, maximum: int, fill_rate: float) -> Optional[float]:
     return max(0.0, (maximum - count) / fill_rate)
 
 
+# A slope measured over less time than this is mostly noise (the reading taken just
+# before acting comes microseconds after the tick's own): keep the previous one.
+MIN_SLOPE_INTERVAL = 0.02
+
+
 @dataclass
 class _Previous:
     time: float
     count: int
     rate: float
+    slope: float
     counters: Dict[str, int]
 
 
@@ -103,6 +109,12 @@ class FillTracker:
     alpha = 1 - exp(-dt / window) weighs a reading by the time it covers, so the
     estimate means the same at a 250 ms calm tick and a 50 ms fast tick, and an
     extra reading taken just before acting (dt ~ 0) barely moves it.
+
+    The time-to-full uses the smaller of the EWMA and the latest slope: at a
+    storm's onset the EWMA is the smaller (it is still catching up) and the
+    prediction is as early as the EWMA allows; once the storm stops the latest
+    slope drops to zero at once, so a lagging average does not keep predicting a
+    fill that is no longer happening (and raising max again for nothing).
     """
 
     def __init__(self, window: float):
@@ -116,24 +128,27 @@ class FillTracker:
         previous = self._previous.get(reading.netns)
         if previous is None or reading.time <= previous.time:
             rate = previous.rate if previous else 0.0
+            slope = previous.slope if previous else 0.0
             deltas = {name: 0 for name in reading.counters}
         else:
             dt = reading.time - previous.time
-            slope = (reading.count - previous.count) / dt
+            measured = (reading.count - previous.count) / dt
+            slope = measured if dt >= MIN_SLOPE_INTERVAL else previous.slope
             alpha = 1.0 - math.exp(-dt / self.window)
-            rate = previous.rate + alpha * (slope - previous.rate)
+            rate = previous.rate + alpha * (measured - previous.rate)
             # A counter that went backwards was reset (module reloaded): count from zero.
             deltas = {}
             for name, value in reading.counters.items():
                 before = previous.counters.get(name, value)
                 deltas[name] = value - before if value >= before else value
-        self._previous[reading.netns] = _Previous(reading.time, reading.count, rate, dict(reading.counters))
+        self._previous[reading.netns] = _Previous(reading.time, reading.count, rate, slope,
+                                                  dict(reading.counters))
         return NamespaceView(
             netns=reading.netns,
             count=reading.count,
             usage=usage_of(reading.count, reading.max),
             fill_rate=rate,
-            time_to_full=time_to_full(reading.count, reading.max, rate),
+            time_to_full=time_to_full(reading.count, reading.max, min(rate, slope)),
             deltas=deltas,
         )
 

@@ -190,9 +190,10 @@ def test_include_established_is_needed_to_touch_live_sessions(pop):
         assert pop.echo4.entry()["id"] == old
         evict(ct, EvictSpec(protocols=("tcp",), dport=7000, include_established=True, **UNBOUNDED))
     assert pop.echo4.entry() is None
-    # Loose pick-up re-creates tracking on the next segment: the session lives on.
+    # Loose pick-up re-creates tracking on the next segment: the session lives on. (Its new
+    # CTA_ID may equal the old one: the id hashes the entry's address, and the slab reuses it.)
     assert pop.echo4.ping()
-    assert pop.echo4.entry()["id"] != old
+    assert pop.echo4.entry() is not None
 
 
 def test_entry_budget_is_honoured_and_the_dump_is_drained(pop):

@@ -376,3 +376,24 @@ def test_emptying_table_has_no_time_to_full():
     tracker.update(model.Reading("", 0, 1000, 2000, 2000, {}))
     view = tracker.update(model.Reading("", 1, 500, 2000, 2000, {}))
     assert view.fill_rate < 0 and view.time_to_full is None
+
+
+def test_prediction_stops_when_the_storm_stops():
+    """The EWMA lags a burst that has ended; the latest slope does not."""
+    table = Table(100_000)
+    for t, count in ramp(table, 0.1, 0.5, 1.0, 0.05):
+        busy = table.sample(t, count)
+    assert busy.time_to_full is not None and busy.time_to_full < 10
+    still = table.sample(1.1, 50_000)          # the flood stopped
+    assert still.fill_rate > 1000              # the average still remembers it...
+    assert still.time_to_full is None          # ...but nothing predicts a fill any more
+    decisions, _ = decide(still, DEFAULT, State(), ENV)
+    assert decisions == []
+
+
+def test_a_reading_just_before_acting_keeps_the_prediction():
+    table = Table(100_000)
+    for t, count in ramp(table, 0.3, 0.6, 1.0, 0.05):
+        table.sample(t, count)
+    again = table.sample(1.0 + 1e-5, 60_000)   # the re-read before acting, microseconds later
+    assert again.time_to_full is not None and again.time_to_full < 10
