@@ -80,7 +80,7 @@ def agent_child(spec_json: str, kernel_filter: str) -> None:
 
     kw = json.loads(spec_json)
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
-    spec = EvictSpec(budget_entries=0, budget_seconds=0, **kw)
+    spec = EvictSpec(budget_entries=0, budget_time=0, **kw)
     kf = {"auto": None, "off": False}[kernel_filter]
     with CtnetlinkSocket() as ct:
         rss_before = _status_kb("VmRSS")

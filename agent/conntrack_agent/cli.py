@@ -7,7 +7,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
 from . import __version__, config
@@ -34,7 +33,7 @@ See conntrack-agent(8) and conntrack-agent.toml(5).
 
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", type=Path, metavar="PATH",
+    parser.add_argument("-c", "--config", metavar="PATH",
                         help="policy file (default: /etc/conntrack-agent/policy.toml, see below)")
 
 
@@ -383,8 +382,7 @@ def cmd_evict(args: argparse.Namespace) -> int:
         print(f"policy invalid:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        selection = _evict_selection(args, policy)
-        spec = evict.evict_spec(selection)
+        spec = _evict_selection(args, policy)
     except ValueError as exc:
         print(f"conntrack-agent evict: {exc}", file=sys.stderr)
         return EXIT_FAIL

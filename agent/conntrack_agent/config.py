@@ -20,15 +20,17 @@ value. Nothing partial is ever returned: a policy is whole or it is an error.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import ctnetlink, tomlfile
+from .evict import EvictSpec
 
-ETC_DIR = Path("/etc/conntrack-agent")
-VENDOR_DIR = Path("/usr/lib/conntrack-agent")
+# Paths are strings: pathlib pulls in urllib.parse and ipaddress (~2 MB of RSS).
+ETC_DIR = "/etc/conntrack-agent"
+VENDOR_DIR = "/usr/lib/conntrack-agent"
 MAIN_NAME = "policy.toml"
 DROPIN_DIR = "policy.d"
 
@@ -283,25 +285,9 @@ class SetTimeouts:
     restore_below: float = 0.6
 
 
-@dataclass(frozen=True)
-class Evict:
-    mode: str = "delete"
-    age_timeout: float = 10.0
-    protocols: Tuple[str, ...] = ()
-    tcp_states: Tuple[str, ...] = ()
-    status: str = "any"
-    mark: Optional[int] = None
-    mark_mask: int = 0xFFFFFFFF
-    zone: Optional[int] = None
-    src: Optional[str] = None
-    dst: Optional[str] = None
-    sport: Optional[int] = None
-    dport: Optional[int] = None
-    timeout_below: Optional[float] = None
-    include_established: bool = False
-    budget_entries: int = 50_000
-    budget_time: float = 0.5
-    target_usage: Optional[float] = None
+# The `[rule.evict]` table is the eviction engine's own spec: one definition of the
+# selectors and budgets, validated by the engine when the policy is read.
+Evict = EvictSpec
 
 
 ACTIONS = ("raise_max", "set_timeouts", "evict")
@@ -434,8 +420,8 @@ _SCHEMA: Dict[str, Dict[str, Check]] = {
         "dport": number(1, 65535, integer=True),
         "timeout_below": duration(1.0, 30 * 86400.0),
         "include_established": boolean,
-        "budget_entries": number(1, 10_000_000, integer=True),
-        "budget_time": duration(0.001, 60.0),
+        "budget_entries": number(0, 10_000_000, integer=True),
+        "budget_time": duration(0.0, 60.0),
         "target_usage": ratio,
     },
 }
@@ -598,7 +584,11 @@ def _merge(layers: Sequence[_Layer]) -> Policy:
             for table in _RULE_TABLES:
                 if table in raw:
                     sub = {k: v[0] for k, v in raw[table].items()}
-                    updates[table] = replace(getattr(current, table), **sub)
+                    try:
+                        updates[table] = replace(getattr(current, table), **sub)
+                    except ValueError as exc:  # the eviction engine's own checks on the whole table
+                        problems.append(_engine_problem(exc, layer.name, raw, table))
+                        updates[table] = getattr(current, table)
             if "timeout_values" in raw:
                 merged = dict(current.set_timeouts.values)
                 merged.update({k: v[0] for k, v in raw["timeout_values"].items()})
@@ -654,13 +644,16 @@ def _check_rule(rule: Rule, file: str, raw: Dict[str, Any]) -> List[Problem]:
         usage = rule.trigger.usage_at_least
         if ev.target_usage is not None and usage is not None and ev.target_usage >= usage:
             problem("target_usage", f"must be below the trigger's usage_at_least ({usage:g})", "evict")
-        from .evict import evict_spec  # the engine's own checks (mixed families, states without tcp)
-        try:
-            evict_spec(ev)
-        except ValueError as exc:
-            key = str(exc).split(":", 1)[0].replace("evict.", "").split(" ")[0].split("/")[0]
-            problem(key, str(exc).split(": ", 1)[-1], "evict")
     return out
+
+
+def _engine_problem(exc: ValueError, file: str, raw: Dict[str, Any], table: str) -> Problem:
+    """An EvictSpec error ("evict.src/dst: why") placed at its key's line."""
+    head, _, why = str(exc).partition(": ")
+    key = head.replace("evict.", "").split("/")[0].split(" ")[0]
+    entry = raw[table].get(key)
+    line = entry[1] if entry else raw["_line"]
+    return Problem(file, line, f"{raw['_label']}.{table}.{key}", why or str(exc))
 
 
 def _check_policy(policy: Policy, where: Dict[str, Tuple[str, Optional[int], str]]) -> List[Problem]:
@@ -680,37 +673,43 @@ def _check_policy(policy: Policy, where: Dict[str, Tuple[str, Optional[int], str
 # --------------------------------------------------------------------------- loading
 
 
-def policy_files(config: Optional[Path] = None, etc_dir: Path = ETC_DIR,
-                 vendor_dir: Path = VENDOR_DIR) -> List[Path]:
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def policy_files(config: Optional[PathLike] = None, etc_dir: PathLike = ETC_DIR,
+                 vendor_dir: PathLike = VENDOR_DIR) -> List[str]:
     """The files that make up the policy, lowest priority first."""
     if config is not None:
-        main: Optional[Path] = config
-        dropin_dirs = [config.parent / DROPIN_DIR]
+        main: Optional[str] = os.fspath(config)
+        dropin_dirs = [os.path.join(os.path.dirname(main), DROPIN_DIR)]
     else:
-        main = next((d / MAIN_NAME for d in (etc_dir, vendor_dir) if (d / MAIN_NAME).exists()), None)
-        dropin_dirs = [vendor_dir / DROPIN_DIR, etc_dir / DROPIN_DIR]
-    dropins: Dict[str, Path] = {}
+        candidates = (os.path.join(os.fspath(d), MAIN_NAME) for d in (etc_dir, vendor_dir))
+        main = next((c for c in candidates if os.path.exists(c)), None)
+        dropin_dirs = [os.path.join(os.fspath(d), DROPIN_DIR) for d in (vendor_dir, etc_dir)]
+    dropins: Dict[str, str] = {}
     for directory in dropin_dirs:
-        if directory.is_dir():
-            for entry in directory.iterdir():
-                if entry.suffix == ".toml":
-                    dropins[entry.name] = entry  # later directories mask earlier ones
+        if os.path.isdir(directory):
+            for name in os.listdir(directory):
+                if name.endswith(".toml"):
+                    dropins[name] = os.path.join(directory, name)  # later directories mask earlier ones
     return ([main] if main is not None else []) + [dropins[name] for name in sorted(dropins)]
 
 
-def load(config: Optional[Path] = None, etc_dir: Path = ETC_DIR, vendor_dir: Path = VENDOR_DIR) -> Policy:
+def load(config: Optional[PathLike] = None, etc_dir: PathLike = ETC_DIR,
+         vendor_dir: PathLike = VENDOR_DIR) -> Policy:
     """Read and validate the whole policy. Raises PolicyError; never returns half a policy."""
-    if config is not None and (not config.exists() or config.is_dir()):
-        raise PolicyError([Problem(str(config), None, "", "no such policy file")])
+    if config is not None and (not os.path.exists(config) or os.path.isdir(config)):
+        raise PolicyError([Problem(os.fspath(config), None, "", "no such policy file")])
     layers = []
     problems: List[Problem] = []
     for file in policy_files(config, etc_dir, vendor_dir):
         try:
-            data = file.read_bytes()
+            with open(file, "rb") as f:
+                data = f.read()
         except OSError as exc:
-            problems.append(Problem(str(file), None, "", f"cannot read: {exc.strerror}"))
+            problems.append(Problem(file, None, "", f"cannot read: {exc.strerror}"))
             continue
-        layer = _Layer(str(file), data)
+        layer = _Layer(file, data)
         problems.extend(layer.problems)
         layers.append(layer)
     if problems:

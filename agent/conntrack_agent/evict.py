@@ -27,7 +27,6 @@ stops once usage is at or below the target.
 from __future__ import annotations
 
 import errno as _errno
-import ipaddress
 import socket
 import time
 from collections import Counter
@@ -71,7 +70,7 @@ class EvictSpec:
     ``tcp_states`` constrains TCP entries and, alone, implies tcp. ``src``
     and ``dst`` are addresses or CIDRs of the original direction; ports
     likewise. ``timeout_below`` selects entries whose remaining timeout is
-    under that many seconds. ``budget_entries``/``budget_seconds`` bound one
+    under that many seconds. ``budget_entries``/``budget_time`` bound one
     sweep (0 disables a bound); ``target_usage`` (count/max, 0-1) stops a
     sweep once reached. ``age_timeout`` is the timeout, in seconds, that
     ``mode="age"`` gives the selected entries.
@@ -92,7 +91,7 @@ class EvictSpec:
     timeout_below: Optional[float] = None
     include_established: bool = False
     budget_entries: int = 50_000
-    budget_seconds: float = 0.5
+    budget_time: float = 0.5
     target_usage: Optional[float] = None
 
     def __post_init__(self) -> None:
@@ -132,7 +131,7 @@ class EvictSpec:
             v = getattr(self, name)
             if v is not None:
                 try:
-                    ipaddress.ip_network(v, strict=False)
+                    _net(v)
                 except ValueError:
                     raise bad(name, "expected an address or CIDR") from None
         if self.src and self.dst and _net(self.src).version != _net(self.dst).version:
@@ -143,8 +142,8 @@ class EvictSpec:
             raise bad("timeout_below", "expected seconds > 0")
         if not isinstance(self.budget_entries, int) or self.budget_entries < 0:
             raise bad("budget_entries", "expected an integer >= 0 (0: unbounded)")
-        if self.budget_seconds < 0:
-            raise bad("budget_seconds", "expected seconds >= 0 (0: unbounded)")
+        if self.budget_time < 0:
+            raise bad("budget_time", "expected seconds >= 0 (0: unbounded)")
         if self.target_usage is not None and not (0 < self.target_usage <= 1):
             raise bad("target_usage", "expected a ratio in (0, 1]")
 
@@ -164,6 +163,8 @@ class EvictSpec:
 
 
 def _net(text: str):
+    import ipaddress  # ~1 MB of RSS: paid for by rules that name addresses, not by every agent
+
     return ipaddress.ip_network(text, strict=False)
 
 
@@ -348,7 +349,7 @@ def plan(ct: CtnetlinkSocket, spec: EvictSpec, count: int,
     if requests is not None:
         if spec.budget_entries and count > spec.budget_entries:
             requests, reason = None, "the table is larger than the entry budget"
-        elif spec.budget_seconds and len(requests) * count / KERNEL_WALK_RATE > spec.budget_seconds:
+        elif spec.budget_time and len(requests) * count / KERNEL_WALK_RATE > spec.budget_time:
             requests, reason = None, "kernel walks would exceed the time budget"
         elif spec.target_usage is not None:
             requests, reason = None, "a usage target needs a sweep that can stop early"
@@ -417,7 +418,7 @@ class EvictReport:
     dry_run: bool
     path: str
     reason: str
-    stopped: str = "complete"  # complete | budget_entries | budget_seconds | target
+    stopped: str = "complete"  # complete | budget_entries | budget_time | target
     scanned: int = 0
     matched: int = 0
     done: int = 0
@@ -545,7 +546,7 @@ def _run_userspace(ct: CtnetlinkSocket, spec: EvictSpec, chosen: EvictPlan, repo
     categories: Counter = Counter()
     sources, destinations = _TopTalkers(), _TopTalkers()
     budget = spec.budget_entries or float("inf")
-    deadline = start + spec.budget_seconds if spec.budget_seconds else float("inf")
+    deadline = start + spec.budget_time if spec.budget_time else float("inf")
     target = spec.target_usage
     ct_max = report.max
     age = int(-(-spec.age_timeout // 1))  # whole seconds, rounded up
@@ -562,7 +563,7 @@ def _run_userspace(ct: CtnetlinkSocket, spec: EvictSpec, chosen: EvictPlan, repo
         for e in entries:
             scanned += 1
             if not scanned & 1023 and clock() > deadline:
-                stopped = "budget_seconds"
+                stopped = "budget_time"
                 break
             if not match(e):
                 continue
@@ -589,7 +590,7 @@ def _run_userspace(ct: CtnetlinkSocket, spec: EvictSpec, chosen: EvictPlan, repo
                     stopped = "target"
                     break
             if not matched % BATCH and clock() > deadline:
-                stopped = "budget_seconds"
+                stopped = "budget_time"
                 break
     finally:
         entries.close()  # drains the current dump to its end
@@ -608,14 +609,3 @@ def _run_userspace(ct: CtnetlinkSocket, spec: EvictSpec, chosen: EvictPlan, repo
     report.top_destinations = destinations.top(top)
     report.talkers_exact = sources.exact and destinations.exact
 
-
-def evict_spec(policy_evict: Any) -> EvictSpec:
-    """The engine's spec from the policy's `[rule.evict]` table (config.Evict)."""
-    return EvictSpec(
-        mode=policy_evict.mode, age_timeout=policy_evict.age_timeout,
-        protocols=policy_evict.protocols, tcp_states=policy_evict.tcp_states, status=policy_evict.status,
-        mark=policy_evict.mark, mark_mask=policy_evict.mark_mask, zone=policy_evict.zone,
-        src=policy_evict.src, dst=policy_evict.dst, sport=policy_evict.sport, dport=policy_evict.dport,
-        timeout_below=policy_evict.timeout_below, include_established=policy_evict.include_established,
-        budget_entries=policy_evict.budget_entries, budget_seconds=policy_evict.budget_time,
-        target_usage=policy_evict.target_usage)

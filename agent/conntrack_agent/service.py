@@ -15,7 +15,6 @@ import select
 import signal
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from . import __version__, config, logsetup, model, netns, policy, procfs
@@ -32,7 +31,7 @@ TICK_RETRY = 1.0  # EX_CONFIG: the unit's RestartPreventExitStatus stops a resta
 
 
 class Agent:
-    def __init__(self, policy_path: Optional[Path], dry_run: bool, log: Any,
+    def __init__(self, policy_path: Optional[str], dry_run: bool, log: Any,
                  clock: Callable[[], float] = time.monotonic, initial: Optional[config.Policy] = None):
         """`initial`: an already validated policy; otherwise the files are read
         (raises config.PolicyError). Reloads always read the files."""
@@ -241,10 +240,9 @@ class Agent:
 
 
 def _evict_runner(agent: Agent) -> Callable[..., Any]:
-    def sweep(policy_evict: config.Evict, netns_name: str, dry_run: bool) -> Any:
-        from . import ctnetlink, evict  # paid for at the first sweep, not by an agent that never evicts
+    def sweep(spec: config.Evict, netns_name: str, dry_run: bool) -> Any:
+        from . import ctnetlink, evict
 
-        spec = evict.evict_spec(policy_evict)
         # A socket of its own: a dump owns its socket's receive queue until read to the end.
         with netns.entered(netns_name):
             sock = ctnetlink.CtnetlinkSocket()

@@ -135,7 +135,7 @@ def test_policy_configmap_is_mounted_where_the_agent_reads_it(pod, agent, tmp_pa
         (mounted / name).write_text(configmap["data"][key])
     files = config.policy_files(None, etc_dir=tmp_path / str(config.ETC_DIR).lstrip("/"),
                                 vendor_dir=tmp_path / "usr-lib-nothing")
-    assert files == [mounted / config.MAIN_NAME]
+    assert files == [str(mounted / config.MAIN_NAME)]
 
 
 def test_configmap_policy_is_valid_and_fits_a_pod(tmp_path, capsys):

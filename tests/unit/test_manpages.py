@@ -179,7 +179,7 @@ def test_policy_files_are_those_the_loader_reads():
     for page in (MAN8, MAN5):
         text = plain(read(page))
         for directory in (config.ETC_DIR, config.VENDOR_DIR):
-            assert str(directory / config.MAIN_NAME) in text, page.name
+            assert f"{directory}/{config.MAIN_NAME}" in text, page.name
             assert f"{directory}/{config.DROPIN_DIR}/" in text, page.name
     assert config.AgentSettings().state_file in plain(read(MAN8))
 
