@@ -22,23 +22,10 @@ from conntrack_agent.executor import Executor
 from conntrack_agent.policy import Decision
 from conntrack_agent.state import StateFile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import rig  # noqa: E402
+import rig
 
 pytestmark = pytest.mark.kernel
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(autouse=True)
-def _root():
-    rig.require_root()
-    rig.require_tools()
-
-
-@pytest.fixture
-def ns():
-    with rig.Namespace() as namespace:
-        yield namespace
 
 
 class ListLogger:

@@ -13,17 +13,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for rig
-import rig  # noqa: E402
 
 pytestmark = pytest.mark.kernel
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(autouse=True)
-def _root():
-    rig.require_root()
-    rig.require_tools()
 
 
 # ----------------------------------------------------------------------------- evict

@@ -5,14 +5,11 @@ from __future__ import annotations
 import errno
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for rig
-import rig  # noqa: E402
+import rig
 
 from conntrack_agent.ctnetlink import (  # noqa: E402
     CPU_STAT_KEYS,
@@ -20,18 +17,6 @@ from conntrack_agent.ctnetlink import (  # noqa: E402
 )
 
 pytestmark = pytest.mark.kernel
-
-
-@pytest.fixture(autouse=True)
-def _root():
-    rig.require_root()
-    rig.require_tools()
-
-
-@pytest.fixture
-def ns():
-    with rig.Namespace() as namespace:
-        yield namespace
 
 
 def test_stats_count_equals_conntrack_C_with_mixed_entries(ns):

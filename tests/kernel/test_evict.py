@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for rig
-import rig  # noqa: E402
+import rig
 
 from conntrack_agent.ctnetlink import CtnetlinkError, CtnetlinkSocket  # noqa: E402
 from conntrack_agent.evict import EvictSpec, evict, plan  # noqa: E402
@@ -28,12 +25,6 @@ pytestmark = pytest.mark.kernel
 MARK = 0x42
 ZONE = 5
 UNBOUNDED = dict(budget_entries=0, budget_time=0)
-
-
-@pytest.fixture(autouse=True)
-def _root():
-    rig.require_root()
-    rig.require_tools()
 
 
 # Unreplied UDP lives this long in the population's namespace (the kernel's default is
