@@ -132,14 +132,28 @@ def _load(args: argparse.Namespace) -> config.Policy:
     return config.load(args.config)
 
 
+def _report_invalid(exc: config.PolicyError, purpose: str = "") -> None:
+    count = len(exc.problems)
+    print(f"policy invalid ({count} error{'s' if count != 1 else ''}{purpose}):", file=sys.stderr)
+    for problem in exc.problems:
+        print(f"  {problem}", file=sys.stderr)
+
+
+def _load_or_report(args: argparse.Namespace, purpose: str = "") -> Optional[config.Policy]:
+    """The policy, or None after printing every problem (the caller exits 78)."""
+    try:
+        return _load(args)
+    except config.PolicyError as exc:
+        _report_invalid(exc, purpose)
+        return None
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     files = config.policy_files(args.config)
     try:
         policy = _load(args)
     except config.PolicyError as exc:
-        print(f"policy invalid ({len(exc.problems)} error{'s' if len(exc.problems) != 1 else ''}):", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+        _report_invalid(exc)
         return EXIT_FAIL
     print("policy ok: " + (", ".join(str(f) for f in files) or "no files, built-in defaults"))
     for line in config.describe(policy):
@@ -201,10 +215,8 @@ def replace_state_file(policy: config.Policy) -> config.Policy:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    try:
-        policy = _load(args)
-    except config.PolicyError as exc:
-        print(f"policy invalid:\n{exc}", file=sys.stderr)
+    policy = _load_or_report(args)
+    if policy is None:
         return EXIT_CONFIG
     agent = _kernel_agent(args, policy)
     if agent.last_sample is None:
@@ -288,10 +300,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from . import netns, procfs
     from .state import StateError, StateFile
 
-    try:
-        policy = _load(args)
-    except config.PolicyError as exc:
-        print(f"policy invalid (needed for the state file path):\n{exc}", file=sys.stderr)
+    policy = _load_or_report(args, "; restore takes the state file's path from it")
+    if policy is None:
         return EXIT_CONFIG
     try:
         state = StateFile(policy.agent.state_file).load()
@@ -376,10 +386,8 @@ def cmd_evict(args: argparse.Namespace) -> int:
     from . import ctnetlink, evict, netns
     from .executor import evict_fields
 
-    try:
-        policy = _load(args) if args.rule else config.loads(b"", "<built-in>")
-    except config.PolicyError as exc:
-        print(f"policy invalid:\n{exc}", file=sys.stderr)
+    policy = _load_or_report(args) if args.rule else config.loads(b"", "<built-in>")
+    if policy is None:
         return EXIT_CONFIG
     try:
         spec = _evict_selection(args, policy)
