@@ -1,0 +1,336 @@
+"""What the benchmarks share: the machine line, pre-flight checks, policy files
+for a bench agent, and an agent child process measured from /proc.
+
+Not a test helper: the benches import it next to tests/rig.py (the kernel rig),
+which they use for namespaces, traffic and the global sysctl guards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "agent"))
+
+# The agent under test runs from the dev venv (Debian's Python 3.11, Debian's
+# structlog and pyroute2); a checkout without one falls back to this interpreter.
+VENV_PYTHON = REPO / ".venv" / "bin" / "python"
+AGENT_PYTHON = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
+# Optional second venv holding PyPI's pyroute2 0.9.x for the sampling comparison.
+BENCH_VENV_PYTHON = os.environ.get("BENCH_VENV_PYTHON", "/work/venv-bench/bin/python")
+DEFAULT_POLICY = REPO / "config" / "policy.toml"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# (c) in the storm: the shipped policy with the predictive trigger taken out.
+# TOML has no null, so the grow-table rule is switched off and an identical rule
+# without time_to_full_below takes its place.
+THRESHOLD_ONLY = """\
+[[rule]]
+name = "grow-table"
+enabled = false
+
+[[rule]]
+name = "grow-on-usage"
+action = "raise_max"
+cooldown = "1s"
+
+[rule.trigger]
+match = "any"
+usage_at_least = 0.75
+counters_increasing = ["drop", "early_drop"]
+
+[rule.raise_max]
+factor = 2.0
+buckets_ratio = 1.0
+buckets_cooldown = "60s"
+"""
+
+FAST_TICK = """\
+[agent]
+interval = "50ms"
+fast_interval = "50ms"
+"""
+
+
+# ----------------------------------------------------------------------------- checks
+
+EXIT_NOPERM = 77        # sysexits EX_NOPERM: not root
+EXIT_UNAVAILABLE = 69   # sysexits EX_UNAVAILABLE: nf_conntrack or a tool missing
+
+
+def refuse(script: str, tools: Sequence[str] = ("ip", "nft", "conntrack")) -> Optional[int]:
+    """Print why ``script`` cannot run here and return its exit status; None when it can."""
+    problem = preflight(tools)
+    if problem is None:
+        return None
+    print("%s: %s" % (script, problem), file=sys.stderr)
+    return EXIT_NOPERM if os.geteuid() != 0 else EXIT_UNAVAILABLE
+
+
+def preflight(tools: Sequence[str] = ("ip", "nft", "conntrack")) -> Optional[str]:
+    """Why the benchmarks cannot run here, or None."""
+    if os.geteuid() != 0:
+        return ("the benchmarks need root: they create network namespaces, fill real conntrack "
+                "tables and change (then restore) nf_conntrack_max and nf_conntrack_buckets.\n"
+                "Run: sudo bench/run")
+    if not os.path.exists("/proc/sys/net/netfilter/nf_conntrack_count"):
+        return ("nf_conntrack is not loaded (/proc/sys/net/netfilter/nf_conntrack_count is missing).\n"
+                "Load it first: modprobe nf_conntrack (the benchmarks never load modules themselves)")
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        return "missing tools: %s (apt-get install iproute2 nftables conntrack)" % ", ".join(missing)
+    return None
+
+
+# ----------------------------------------------------------------------------- the machine
+
+def machine() -> Dict[str, Any]:
+    info: Dict[str, Any] = {"kernel": platform.release(), "nproc": os.cpu_count(),
+                            "python": platform.python_version()}
+    with open("/proc/cpuinfo") as f:
+        info["model"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+    with open("/proc/meminfo") as f:
+        kib = next(int(ln.split()[1]) for ln in f if ln.startswith("MemTotal:"))
+    info["ram"] = "%.1f GiB" % (kib / 1048576)
+    info["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return info
+
+
+def provenance(command: str, mach: Optional[Dict[str, Any]] = None) -> List[str]:
+    """The lines every results file starts with: command, kernel, machine, date."""
+    m = mach or machine()
+    return [
+        "- command: `%s`" % command,
+        "- kernel: %s; machine: %s × %s, %s RAM; Python %s" % (
+            m["kernel"], m["nproc"], m["model"], m["ram"], m["python"]),
+        "- date: %s" % m["date"],
+    ]
+
+
+def write_result(name: str, text: str, out: Optional[str] = None) -> Path:
+    path = Path(out) if out else RESULTS / (name + ".md")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def command_line(script: str, argv: Optional[Sequence[str]]) -> str:
+    import shlex
+    args = list(sys.argv[1:] if argv is None else argv)
+    return " ".join(["bench/" + script] + [shlex.quote(a) for a in args])
+
+
+def median(values: Sequence[float]) -> float:
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    mid = len(s) // 2
+    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
+
+
+# ----------------------------------------------------------------------------- policies
+
+def policy_dir(where: Path, namespaces: Sequence[str] = (), extra: Sequence[str] = ()) -> Path:
+    """The shipped policy plus drop-ins: the bench's state file and namespaces, then ``extra``.
+
+    Returns the path to pass to --config.
+    """
+    where.mkdir(parents=True, exist_ok=True)
+    dropins = where / "policy.d"
+    dropins.mkdir(exist_ok=True)
+    shutil.copy(DEFAULT_POLICY, where / "policy.toml")
+    names = ", ".join(json.dumps(n) for n in namespaces)
+    (dropins / "10-bench.toml").write_text(
+        "[agent]\nstate_file = %s\nnamespaces = [%s]\nlog_format = \"json\"\n"
+        % (json.dumps(str(where / "state.json")), names))
+    for i, text in enumerate(extra):
+        (dropins / ("%d-extra.toml" % (20 + i))).write_text(text)
+    return where / "policy.toml"
+
+
+def grow_table_trigger() -> Dict[str, Optional[float]]:
+    """The shipped grow-table rule's trigger thresholds (config/policy.toml)."""
+    import tomllib
+    from conntrack_agent.config import parse_duration
+
+    with open(DEFAULT_POLICY, "rb") as f:
+        rules = tomllib.load(f).get("rule", [])
+    trig = next(r for r in rules if r.get("name") == "grow-table").get("trigger", {})
+    ttf = trig.get("time_to_full_below")
+    return {"usage": trig.get("usage_at_least"), "ttf": parse_duration(ttf) if ttf is not None else None,
+            "ttf_min_usage": trig.get("time_to_full_min_usage", 0.0)}
+
+
+def agent_ceiling() -> int:
+    """The shipped policy's max ceiling on this machine, as the agent computes it."""
+    from conntrack_agent import model, procfs
+
+    entry = procfs.slab_object_size() or model.DEFAULT_ENTRY_BYTES
+    return min(model.memory_ceiling(procfs.mem_total(), 0.05, entry, model.DEFAULT_OVERHEAD_BYTES, 1.0),
+               4194304)
+
+
+# ----------------------------------------------------------------------------- the agent
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of the whole process (all threads), in seconds."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_sched(pid: int) -> Dict[str, float]:
+    """Summed over the threads: CPU ns on the run queue (schedstat), context switches."""
+    out = {"cpu_ns": 0, "voluntary": 0, "nonvoluntary": 0, "threads": 0}
+    for tid in os.listdir("/proc/%d/task" % pid):
+        base = "/proc/%d/task/%s/" % (pid, tid)
+        try:
+            with open(base + "schedstat") as f:
+                out["cpu_ns"] += int(f.read().split()[0])
+            with open(base + "status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches"):
+                        out["voluntary"] += int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches"):
+                        out["nonvoluntary"] += int(line.split()[1])
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that ended meanwhile
+        out["threads"] += 1
+    return out
+
+
+def proc_memory(pid: int) -> Dict[str, int]:
+    """KiB: VmRSS, VmHWM (peak RSS), and smaps_rollup's Pss / private / anonymous."""
+    out: Dict[str, int] = {}
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            key = line.split(":", 1)[0]
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                out[key] = int(line.split()[1])
+    try:
+        with open("/proc/%d/smaps_rollup" % pid) as f:
+            for line in f:
+                key = line.split(":", 1)[0]
+                if key in ("Pss", "Private_Clean", "Private_Dirty", "Anonymous"):
+                    out[key] = int(line.split()[1])
+        out["Private"] = out.get("Private_Clean", 0) + out.get("Private_Dirty", 0)
+    except FileNotFoundError:
+        pass
+    return out
+
+
+class Agent:
+    """``conntrack-agent run`` as a child, its JSON events collected as they come.
+
+    ``prefix`` wraps the command (e.g. ``ip netns exec NS``, which execs: the pid
+    stays the agent's). stop() reads the agent's peak RSS (VmHWM) first, then sends
+    SIGTERM and reaps it with wait4 for its CPU time. Not ru_maxrss: across exec
+    the kernel carries over the high-water mark of the image it replaced, and
+    subprocess forks with vfork, so that would be the bench process's own peak.
+    """
+
+    def __init__(self, config: Path, extra_args: Sequence[str] = ("--no-dbus",),
+                 prefix: Sequence[str] = (), env: Optional[Dict[str, str]] = None) -> None:
+        cmd = list(prefix) + [AGENT_PYTHON, "-m", "conntrack_agent", "run", "--config", str(config),
+                              "--log-format", "json"] + list(extra_args)
+        full_env = dict(os.environ, PYTHONPATH=str(REPO / "agent"), **(env or {}))
+        self.events: List[Dict[str, Any]] = []
+        self.other_lines: List[str] = []
+        self._cond = threading.Condition()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True, env=full_env)
+        self.pid = self.proc.pid
+        self.rusage: Optional[Any] = None
+        self.hwm_kib = 0
+        self.returncode: Optional[int] = None
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                self.other_lines.append(line.rstrip())
+                continue
+            with self._cond:
+                self.events.append(event)
+                self._cond.notify_all()
+
+    def wait_for(self, kind: str, timeout: float = 20.0) -> Dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for event in self.events:
+                    if event.get("event") == kind:
+                        return event
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    raise RuntimeError("agent: no %s event within %.0fs (exit %s); stderr: %s" % (
+                        kind, timeout, self.proc.poll(), "\n".join(self.other_lines[-20:])))
+                self._cond.wait(min(left, 0.2))
+
+    def of_kind(self, kind: str) -> List[Dict[str, Any]]:
+        with self._cond:
+            return [e for e in self.events if e.get("event") == kind]
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.rusage is not None:
+            return
+        if self.proc.poll() is None:
+            try:
+                self.hwm_kib = proc_memory(self.pid)["VmHWM"]
+            except (FileNotFoundError, ProcessLookupError, KeyError):
+                pass
+            self.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(self.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                pid, status, usage = os.wait4(self.pid, 0)
+                break
+            time.sleep(0.02)
+        self.rusage = usage
+        self.returncode = os.waitstatus_to_exitcode(status)
+        self.proc.returncode = self.returncode  # reaped here: keep Popen from waiting again
+        self._reader.join(timeout=5)
+
+    @property
+    def cpu_seconds(self) -> float:
+        assert self.rusage is not None
+        return self.rusage.ru_utime + self.rusage.ru_stime
+
+    @property
+    def peak_rss_kib(self) -> int:
+        """The agent's own VmHWM, read just before it was stopped."""
+        return self.hwm_kib
+
+    def __enter__(self) -> "Agent":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def terminate_on_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C, so every ``finally`` restores what it changed."""
+    def handler(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt("signal %d" % signum)
+    signal.signal(signal.SIGTERM, handler)
