@@ -161,7 +161,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _keep_tls_out() -> None:
+    """The daemon never speaks TLS, but structlog imports asyncio, which imports ssl
+    and maps OpenSSL: ~6 MB of the agent's resident memory for nothing. asyncio
+    runs without ssl (it treats ImportError as "no TLS support"), so the daemon
+    process marks the module as absent before structlog is first imported."""
+    if "ssl" not in sys.modules:
+        sys.modules["ssl"] = None  # type: ignore[assignment]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    _keep_tls_out()
     from . import logsetup, service
 
     try:
@@ -257,7 +267,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         snapshot = agent.snapshot()
         sample = agent.last_sample
         snapshot["drops"] = {k: sample.deltas.get(k, 0) for k in ("drop", "early_drop", "insert_failed")}
-        snapshot["totals"] = {k: v for k, v in agent.sampler.probes[sample.fullest.netns].read(time.monotonic)
+        snapshot["totals"] = {k: v for k, v in agent.sampler.probes[sample.fullest.netns].read(time.monotonic, counters=True)
                               .counters.items() if k in ("drop", "early_drop", "insert_failed")}
         source = "kernel"
     if args.json:

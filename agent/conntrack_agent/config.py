@@ -224,8 +224,9 @@ DROP_COUNTERS = ("drop", "early_drop", "insert_failed")
 
 @dataclass(frozen=True)
 class AgentSettings:
-    interval: float = 0.25
+    interval: float = 1.0
     fast_interval: float = 0.05
+    storm_rate: int = 100_000
     fast_usage: float = 0.5
     fast_time_to_full: float = 60.0
     fill_rate_window: float = 0.5
@@ -270,6 +271,9 @@ class Trigger:
 class RaiseMax:
     factor: float = 2.0
     step: int = 0
+    # At least enough room for this long at the current fill rate: a storm adding
+    # more entries a second than the table holds outruns any fixed factor.
+    headroom: float = 10.0
     buckets_ratio: float = 1.0
     buckets_cooldown: float = 60.0
     raise_only: bool = True
@@ -322,7 +326,7 @@ DEFAULT_RULES: Tuple[Rule, ...] = (
     Rule(
         name="grow-table",
         action="raise_max",
-        cooldown=1.0,
+        cooldown=0.5,
         trigger=Trigger(
             match="any",
             usage_at_least=0.75,
@@ -330,7 +334,7 @@ DEFAULT_RULES: Tuple[Rule, ...] = (
             time_to_full_min_usage=0.25,
             counters_increasing=("drop", "early_drop"),
         ),
-        raise_max=RaiseMax(factor=2.0, buckets_ratio=1.0, buckets_cooldown=60.0),
+        raise_max=RaiseMax(factor=2.0, headroom=10.0, buckets_ratio=1.0, buckets_cooldown=60.0),
     ),
     Rule(
         name="shorten-timeouts",
@@ -366,6 +370,7 @@ _SCHEMA: Dict[str, Dict[str, Check]] = {
     "agent": {
         "interval": duration(0.01, 60.0),
         "fast_interval": duration(0.01, 60.0),
+        "storm_rate": number(100, 100_000_000, integer=True),
         "fast_usage": ratio,
         "fast_time_to_full": duration(0.0, 86400.0),
         "fill_rate_window": duration(0.01, 600.0),
@@ -394,6 +399,7 @@ _SCHEMA: Dict[str, Dict[str, Check]] = {
     "raise_max": {
         "factor": number(1.0, 16.0),
         "step": number(0, 1 << 26, integer=True),
+        "headroom": duration(0.0, 3600.0),
         "buckets_ratio": number(0.25, 64.0),
         "buckets_cooldown": duration(0.0, 86400.0),
         "raise_only": boolean,

@@ -123,7 +123,8 @@ class Supervisor:
             _log(self.agent.log, "tick_failed", f"tick failed: {type(exc).__name__}: {exc}",
                  error=f"{type(exc).__name__}: {exc}", exc_info=exc)
             delay = RETRY_AFTER_ERROR
-        self.notifier.status(self.agent.status_line())
+        if self.agent.status_due():
+            self.notifier.status(self.agent.status_line())
         if self.stopped_by is None:
             self._tick_source = self.loop.call_later(delay, self.tick)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Dict, Optional, Tuple
 
 COUNTERS = ("found", "invalid", "insert", "insert_failed", "drop", "early_drop", "error",
@@ -47,11 +48,12 @@ class Sample:
     namespaces: Tuple[NamespaceView, ...]
     deltas: Dict[str, int] = field(default_factory=dict)  # summed over namespaces
 
-    @property
+    # Computed once per sample: the decision core asks for them many times a tick.
+    @cached_property
     def fullest(self) -> NamespaceView:
         return max(self.namespaces, key=lambda ns: ns.count)
 
-    @property
+    @cached_property
     def soonest(self) -> NamespaceView:
         """The namespace predicted to fill first (the fullest when none is filling)."""
         filling = [ns for ns in self.namespaces if ns.time_to_full is not None]

@@ -177,15 +177,21 @@ def _raise_max(rule: Rule, policy: Policy, sample: Sample, env: Environment, sta
     spec = rule.raise_max
     current = sample.max
     target = max(math.ceil(current * spec.factor), current + spec.step)
+    rate = sample.fill_rate
+    room_for_storm = math.ceil(sample.count + rate * spec.headroom) if rate > 0 else 0
     limit, limited_by = ceiling(policy, rule, env)
-    new = max(min(target, limit), sample.count)
+    new = max(min(max(target, room_for_storm), limit), sample.count)
     if new <= current:
         if state.at_ceiling:
             return None, state
         notice = Decision("max_at_ceiling", rule.name, f"{reason}; but max {current} is already at or above "
                           f"the ceiling {limit} ({limited_by})", netns, dry_run, current, limit, is_action=False)
         return notice, replace(state, at_ceiling=True)
-    why = f"{reason}; max ×{spec.factor:g}" + (f" +{spec.step}" if spec.step else "")
+    if room_for_storm > target:
+        why = f"{reason}; room for {format_duration(spec.headroom)} at {rate:+.0f}/s"
+        target = room_for_storm
+    else:
+        why = f"{reason}; max ×{spec.factor:g}" + (f" +{spec.step}" if spec.step else "")
     if new < target:
         why += f", capped at {new} by {limited_by}"
     return Decision("raise_max", rule.name, why, netns, dry_run, current, new), state
@@ -325,9 +331,17 @@ def after_outcome(state: State, decision: Decision, applied: bool, lost_capabili
     return state
 
 
+# The calm tick lasts at most the time a storm at agent.storm_rate would need to fill
+# this share of the free room: the first sample of a storm then still finds room to
+# act in, on a small table as on a large one.
+STORM_ROOM_SHARE = 0.25
+
+
 def next_interval(sample: Optional[Sample], policy: Policy, state: State) -> float:
-    """The fast tick while the table is busy, filling fast or dropping; the calm
-    tick otherwise (restores wait minutes, so they need no fast tick)."""
+    """The fast tick while the table is busy, filling fast or dropping. Otherwise a
+    calm tick sized to the free room: a node with room for seconds of storm wakes
+    rarely (the idle cost is per wake-up), a nearly full or small table is watched
+    as closely as the fast tick. Restores wait minutes and need no fast tick."""
     agent = policy.agent
     if sample is None:
         return agent.interval
@@ -335,4 +349,8 @@ def next_interval(sample: Optional[Sample], policy: Policy, state: State) -> flo
     busy = (sample.usage >= agent.fast_usage
             or (ttf is not None and ttf < agent.fast_time_to_full)
             or any(sample.deltas.get(c, 0) for c in ("drop", "early_drop")))
-    return agent.fast_interval if busy else agent.interval
+    if busy:
+        return agent.fast_interval
+    room = max(0, sample.max - sample.count)
+    calm = room * STORM_ROOM_SHARE / agent.storm_rate
+    return min(agent.interval, max(agent.fast_interval, calm))

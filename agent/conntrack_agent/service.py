@@ -26,6 +26,8 @@ from .state import StateFile
 # this often: loading the module is an operator's act, not an emergency.
 REPROBE_INTERVAL = 5.0
 EXIT_CONFIG = 78
+# Seconds between STATUS= updates to systemd when nothing was done.
+STATUS_INTERVAL = 1.0
 # After a tick raised (a kernel answer the agent did not expect), try again this soon.
 TICK_RETRY = 1.0  # EX_CONFIG: the unit's RestartPreventExitStatus stops a restart loop
 
@@ -48,6 +50,7 @@ class Agent:
         self.decision_listeners: List[Callable[[policy.Decision], None]] = []
         self._next_probe = 0.0
         self._under_pressure = False
+        self._status_sent_at: Optional[float] = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -129,13 +132,17 @@ class Agent:
         if sample is None:
             self.last_sample = None
             return REPROBE_INTERVAL
-        decisions, _ = policy.decide(sample, self.policy, self.core, self.env)
+        decisions, core = policy.decide(sample, self.policy, self.core, self.env)
         if any(d.is_action for d in decisions):
-            fresh = self.sampler.sample()
+            # Act on a fresh reading, not one a few hundred microseconds old: decide again
+            # from the state before the first look (the first decision is discarded).
+            fresh = self.sampler.sample(counters=True)
             if fresh is not None:
                 sample = fresh
-        decisions, self.core = policy.decide(sample, self.policy, self.core, self.env)
-        self._note_pressure(sample)
+                decisions, core = policy.decide(sample, self.policy, self.core, self.env)
+        self.core = core
+        interval = policy.next_interval(sample, self.policy, self.core)
+        self._note_pressure(sample, busy=interval < self.policy.agent.interval)
         for decision in decisions:
             outcome = self.executor.execute(decision, sample, self.policy)
             self.core = policy.after_outcome(self.core, decision, outcome.applied, outcome.lost_capability)
@@ -146,13 +153,22 @@ class Agent:
             self.last_decision = decision
             if decision.is_action:
                 self.last_action_at = time.time()
+                self._status_sent_at = None   # show the action at once
             for listener in self.decision_listeners:
                 listener(decision)
         self.last_sample = sample
-        return policy.next_interval(sample, self.policy, self.core)
+        return interval
 
-    def _note_pressure(self, sample: model.Sample) -> None:
-        busy = policy.next_interval(sample, self.policy, self.core) < self.policy.agent.interval
+    def status_due(self) -> bool:
+        """Whether the one-line status is worth sending now: after an action, else once
+        per STATUS_INTERVAL (it changes every tick; systemd needs no more)."""
+        now = self.clock()
+        if self._status_sent_at is not None and now - self._status_sent_at < STATUS_INTERVAL:
+            return False
+        self._status_sent_at = now
+        return True
+
+    def _note_pressure(self, sample: model.Sample, busy: bool) -> None:
         if busy == self._under_pressure:
             return
         self._under_pressure = busy
@@ -287,16 +303,22 @@ def run_simple(agent: Agent, notifier: Any = None, once: bool = False) -> int:
             agent.stop("--once")
             return 0
         watchdog = notifier.watchdog_interval()
+        next_ping = 0.0
         while True:
             try:
                 delay = agent.tick()
             except Exception as exc:  # noqa: BLE001 - keep ticking; systemd's watchdog judges persistence
                 logsetup.emit(agent.log, "tick_failed", error=f"{type(exc).__name__}: {exc}", retry=TICK_RETRY)
                 delay = TICK_RETRY
-            notifier.status(agent.status_line())
-            notifier.watchdog()
+            if agent.status_due():
+                notifier.status(agent.status_line())
             if watchdog is not None:
-                delay = min(delay, watchdog / 2)
+                # Ping at half the watchdog period, not every tick: each ping is a syscall.
+                now = time.monotonic()
+                if now >= next_ping:
+                    notifier.watchdog()
+                    next_ping = now + watchdog / 2
+                delay = min(delay, max(0.0, next_ping - now))
             deadline = time.monotonic() + delay
             while not pending:
                 remaining = deadline - time.monotonic()

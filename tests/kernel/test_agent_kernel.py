@@ -300,21 +300,21 @@ def test_default_policy_raises_max_before_drops_in_a_flooded_namespace(ns, tmp_p
             agent.wait_for(lambda e: e.get("event") == "conntrack_available")
             s = sampler.Sampler((ns.name,), window=0.5)
             s.open_missing()
-            drops_before = s.probes[ns.name].read(time.monotonic).counters
+            drops_before = s.probes[ns.name].read(time.monotonic, counters=True).counters
             sent = 0
             for chunk in range(9):            # to 90% of the lowered max, in steps the agent can see
                 sent += rig.flood_udp(ns, 2000, ports=(20000 + chunk * 2000, 20000 + chunk * 2000 + 1999))
                 time.sleep(0.1)
             raised = agent.wait_for(lambda e: e.get("event") == "raise_max")
             rig.flood_udp(ns, 12000, dst="127.0.1.1")   # past the old max: 32000 > 20000
-            drops_after = s.probes[ns.name].read(time.monotonic).counters
+            drops_after = s.probes[ns.name].read(time.monotonic, counters=True).counters
             s.close()
             count = rig.conntrack_count(ns)
         finally:
             code = agent.stop()
         assert procfs.read_sysctl("nf_conntrack_max") > low   # still raised until restored
     assert code == 0
-    assert raised["old"] == low and raised["new"] == 2 * low
+    assert raised["old"] == low and raised["new"] >= 2 * low   # doubled, or room for 10s of the flood
     assert raised["rule"] == "grow-table" and raised["netns"] == ns.name
     for key in ("count", "max", "usage", "fill_rate", "time_to_full", "drop", "early_drop", "reason",
                 "message", "message_id", "priority", "dry_run"):

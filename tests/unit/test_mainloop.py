@@ -127,6 +127,7 @@ class FakeAgent:
     def start(self): self.calls.append("start")
     def stop(self, why="?"): self.calls.append("stop:" + why)
     def status_line(self): return "count %d/100" % len(self.ticks)
+    def status_due(self): return True
 
     def reload(self) -> bool:
         self.calls.append("reload")

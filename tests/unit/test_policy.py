@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -124,9 +125,32 @@ def test_fast_tick_while_filling_calm_tick_when_idle():
     table = Table(100_000)
     idle = table.sample(0.0, 1000)
     idle = table.sample(0.25, 1000)
-    assert policy.next_interval(idle, DEFAULT, State()) == DEFAULT.agent.interval
+    # A quarter of the free room at the storm rate: 99000 / 4 / 100000 per second.
+    assert policy.next_interval(idle, DEFAULT, State()) == pytest.approx(0.2475)
     busy = table.sample(0.5, 60_000)
     assert policy.next_interval(busy, DEFAULT, State()) == DEFAULT.agent.fast_interval
+
+
+@pytest.mark.parametrize("maximum, count, expected", [
+    (262_144, 0, 0.65536),      # the kernel's default max, empty: wakes ~1.5 times a second
+    (4_194_304, 0, 1.0),        # a huge table: capped at agent.interval
+    (8_192, 0, 0.05),           # a small table: never slower than needed, never faster than fast_interval
+    (262_144, 120_000, 0.35536),
+])
+def test_calm_tick_follows_the_free_room(maximum, count, expected):
+    table = Table(maximum)
+    table.sample(0.0, count)
+    sample = table.sample(1.0, count)
+    assert policy.next_interval(sample, DEFAULT, State()) == pytest.approx(expected)
+
+
+def test_a_storm_from_empty_is_seen_before_a_quarter_of_the_room_is_gone():
+    """At the storm rate, the calm tick's first look comes before 25% of the room is used."""
+    for maximum in (32_768, 262_144, 1_048_576):
+        table = Table(maximum)
+        idle = table.sample(0.0, 0)
+        tick = policy.next_interval(idle, DEFAULT, State())
+        assert 100_000 * tick <= 0.25 * maximum + 1e-6
 
 
 # ---------------------------------------------------------------------------- triggers
@@ -246,7 +270,8 @@ def test_lost_capability_is_not_proposed():
 
 
 def test_buckets_follow_the_owned_max_with_their_own_cooldown():
-    rule = replace(GROW_THRESHOLD, cooldown=0.0, raise_max=config.RaiseMax(buckets_ratio=2.0, buckets_cooldown=10.0))
+    rule = replace(GROW_THRESHOLD, cooldown=0.0,
+                   raise_max=config.RaiseMax(buckets_ratio=2.0, buckets_cooldown=10.0, headroom=0.0))
     table = Table(1000, buckets=500)
     fired = run(only(rule, max_actions_per_tick=4), (table.sample(i, int(table.max * 0.9)) for i in range(4)),
                 apply=table)[0]
@@ -397,3 +422,22 @@ def test_a_reading_just_before_acting_keeps_the_prediction():
         table.sample(t, count)
     again = table.sample(1.0 + 1e-5, 60_000)   # the re-read before acting, microseconds later
     assert again.time_to_full is not None and again.time_to_full < 10
+
+
+def test_a_storm_faster_than_the_table_gets_room_for_the_headroom():
+    """100k new entries/s against a max of 32768: doubling once per cooldown cannot keep up."""
+    table = Table(32_768)
+    table.sample(0.0, 1000)
+    sample = table.sample(0.25, 26_000)                      # the calm tick that first sees the storm
+    (decision,) = [d for d in decide(sample, DEFAULT, State(), ENV)[0] if d.kind == "raise_max"]
+    rate = sample.fill_rate
+    assert decision.new == math.ceil(26_000 + rate * 10.0) > 4 * 32_768
+    assert "room for 10s" in decision.reason
+
+
+def test_headroom_never_passes_the_ceiling():
+    pol = replace(DEFAULT, limits=replace(config.Limits(), max_ceiling=50_000))
+    table = Table(32_768)
+    table.sample(0.0, 1000)
+    (decision,) = [d for d in decide(table.sample(0.25, 26_000), pol, State(), ENV)[0] if d.kind == "raise_max"]
+    assert decision.new == 50_000 and "limits.max_ceiling" in decision.reason
