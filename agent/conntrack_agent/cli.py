@@ -11,6 +11,8 @@ from typing import Any, List, Optional, Tuple
 
 from . import __version__, config
 
+# 78 is EX_CONFIG: the unit's RestartPreventExitStatus=78 keeps an invalid policy
+# from becoming a restart loop.
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 78
 
 DESCRIPTION = """\

@@ -337,6 +337,15 @@ def after_outcome(state: State, decision: Decision, applied: bool, lost_capabili
 STORM_ROOM_SHARE = 0.25
 
 
+def under_pressure(sample: Sample, policy: Policy) -> bool:
+    """Busy, filling fast or dropping: what the fast tick (and the pressure event) is for."""
+    agent = policy.agent
+    ttf = sample.time_to_full
+    return (sample.usage >= agent.fast_usage
+            or (ttf is not None and ttf < agent.fast_time_to_full)
+            or any(sample.deltas.get(c, 0) for c in ("drop", "early_drop")))
+
+
 def next_interval(sample: Optional[Sample], policy: Policy, state: State) -> float:
     """The fast tick while the table is busy, filling fast or dropping. Otherwise a
     calm tick sized to the free room: a node with room for seconds of storm wakes
@@ -345,11 +354,7 @@ def next_interval(sample: Optional[Sample], policy: Policy, state: State) -> flo
     agent = policy.agent
     if sample is None:
         return agent.interval
-    ttf = sample.time_to_full
-    busy = (sample.usage >= agent.fast_usage
-            or (ttf is not None and ttf < agent.fast_time_to_full)
-            or any(sample.deltas.get(c, 0) for c in ("drop", "early_drop")))
-    if busy:
+    if under_pressure(sample, policy):
         return agent.fast_interval
     room = max(0, sample.max - sample.count)
     calm = room * STORM_ROOM_SHARE / agent.storm_rate

@@ -25,11 +25,10 @@ from .state import StateFile
 # While nothing can be read (nf_conntrack not loaded, namespace missing), look again
 # this often: loading the module is an operator's act, not an emergency.
 REPROBE_INTERVAL = 5.0
-EXIT_CONFIG = 78
 # Seconds between STATUS= updates to systemd when nothing was done.
 STATUS_INTERVAL = 1.0
 # After a tick raised (a kernel answer the agent did not expect), try again this soon.
-TICK_RETRY = 1.0  # EX_CONFIG: the unit's RestartPreventExitStatus stops a restart loop
+TICK_RETRY = 1.0
 
 
 class Agent:
@@ -142,7 +141,7 @@ class Agent:
                 decisions, core = policy.decide(sample, self.policy, self.core, self.env)
         self.core = core
         interval = policy.next_interval(sample, self.policy, self.core)
-        self._note_pressure(sample, busy=interval < self.policy.agent.interval)
+        self._note_pressure(sample, busy=policy.under_pressure(sample, self.policy))
         for decision in decisions:
             outcome = self.executor.execute(decision, sample, self.policy)
             self.core = policy.after_outcome(self.core, decision, outcome.applied, outcome.lost_capability)
@@ -204,11 +203,11 @@ class Agent:
         return True
 
     def evaluate(self) -> List[policy.Decision]:
-        """What the agent would do now, without acting or advancing its state."""
-        sample = self.sampler.sample()
-        if sample is None:
+        """What the agent would do on its latest sample, without acting or advancing its
+        state (a sample of its own would consume counter deltas the next tick needs)."""
+        if self.last_sample is None:
             return []
-        decisions, _ = policy.decide(sample, self.policy, self.core, self.env)
+        decisions, _ = policy.decide(self.last_sample, self.policy, self.core, self.env)
         return decisions
 
     def current_usage(self) -> float:

@@ -127,8 +127,10 @@ def test_fast_tick_while_filling_calm_tick_when_idle():
     idle = table.sample(0.25, 1000)
     # A quarter of the free room at the storm rate: 99000 / 4 / 100000 per second.
     assert policy.next_interval(idle, DEFAULT, State()) == pytest.approx(0.2475)
+    assert not policy.under_pressure(idle, DEFAULT)     # a shorter calm tick is not pressure
     busy = table.sample(0.5, 60_000)
     assert policy.next_interval(busy, DEFAULT, State()) == DEFAULT.agent.fast_interval
+    assert policy.under_pressure(busy, DEFAULT)
 
 
 @pytest.mark.parametrize("maximum, count, expected", [
