@@ -35,28 +35,41 @@ DEFAULT_POLICY = REPO / "config" / "policy.toml"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # (c) in the storm: the shipped policy with the predictive trigger taken out.
-# TOML has no null, so the grow-table rule is switched off and an identical rule
-# without time_to_full_below takes its place.
-THRESHOLD_ONLY = """\
-[[rule]]
-name = "grow-table"
-enabled = false
+# TOML has no null, so the grow-table rule is switched off and a copy of it
+# without time_to_full_below takes its place (threshold_only_policy()): the same
+# cooldown, factor and headroom as shipped, only the trigger differs.
+THRESHOLD_ONLY_RULE = "grow-on-usage"
 
-[[rule]]
-name = "grow-on-usage"
-action = "raise_max"
-cooldown = "1s"
 
-[rule.trigger]
-match = "any"
-usage_at_least = 0.75
-counters_increasing = ["drop", "early_drop"]
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[%s]" % ", ".join(_toml_value(v) for v in value)
+    raise TypeError("no TOML for %r" % (value,))
 
-[rule.raise_max]
-factor = 2.0
-buckets_ratio = 1.0
-buckets_cooldown = "60s"
-"""
+
+def threshold_only_policy() -> str:
+    """A drop-in: the shipped grow-table rule off, its copy without the predictive trigger on."""
+    import tomllib
+
+    with open(DEFAULT_POLICY, "rb") as f:
+        rules = tomllib.load(f).get("rule", [])
+    shipped = dict(next(r for r in rules if r.get("name") == "grow-table"))
+    lines = ["[[rule]]", 'name = "grow-table"', "enabled = false", "", "[[rule]]"]
+    shipped["name"] = THRESHOLD_ONLY_RULE
+    tables = {k: v for k, v in shipped.items() if isinstance(v, dict)}
+    lines += ["%s = %s" % (k, _toml_value(v)) for k, v in shipped.items() if k not in tables]
+    for name, table in tables.items():
+        if name == "trigger":
+            table = {k: v for k, v in table.items() if not k.startswith("time_to_full")}
+        lines += ["", "[rule.%s]" % name] + ["%s = %s" % (k, _toml_value(v)) for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
 
 FAST_TICK = """\
 [agent]
@@ -106,7 +119,22 @@ def machine() -> Dict[str, Any]:
         kib = next(int(ln.split()[1]) for ln in f if ln.startswith("MemTotal:"))
     info["ram"] = "%.1f GiB" % (kib / 1048576)
     info["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    info["agent"] = agent_revision()
     return info
+
+
+def agent_revision() -> str:
+    """The commit the agent under test was at, and whether agent/ or config/ had local changes."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "agent", "config"],
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if not head:
+        return "unknown"
+    return head + (" with uncommitted changes in agent/ or config/" if dirty else "")
 
 
 def provenance(command: str, mach: Optional[Dict[str, Any]] = None) -> List[str]:
@@ -116,7 +144,7 @@ def provenance(command: str, mach: Optional[Dict[str, Any]] = None) -> List[str]
         "- command: `%s`" % command,
         "- kernel: %s; machine: %s × %s, %s RAM; Python %s" % (
             m["kernel"], m["nproc"], m["model"], m["ram"], m["python"]),
-        "- date: %s" % m["date"],
+        "- date: %s; agent and policy at commit %s" % (m["date"], m.get("agent", "unknown")),
     ]
 
 
@@ -139,6 +167,31 @@ def median(values: Sequence[float]) -> float:
         return float("nan")
     mid = len(s) // 2
     return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
+
+
+# ----------------------------------------------------------------------------- bytecode
+
+# An installed package (the deb) ships compiled bytecode; a checkout run with
+# PYTHONDONTWRITEBYTECODE=1 (as this environment sets it) has none and compiles
+# every module from source at each start, ~3 MB more RSS (ctnetlink alone: +2.8 MB
+# without its .pyc, +0.2 MB with). The benches measure the agent as installed.
+COMPILE_COMMAND = "python -m compileall -q agent/"
+
+
+def compile_agent() -> str:
+    """Compile the agent package's bytecode (a no-op when it is current); says what it did."""
+    proc = subprocess.run([AGENT_PYTHON, "-m", "compileall", "-q", str(REPO / "agent")],
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError("%s failed: %s%s" % (COMPILE_COMMAND, proc.stdout, proc.stderr))
+    return "`%s` (as the deb ships it) before the agent starts" % COMPILE_COMMAND
+
+
+def bytecode_line() -> str:
+    """The provenance line the agent benches add: the agent ran from compiled bytecode."""
+    return ("- agent bytecode: compiled first (`%s`, done by the bench and the runner), as an installed "
+            "package ships it; this environment sets PYTHONDONTWRITEBYTECODE=1, and without the .pyc files "
+            "every agent start compiles all modules from source, ~3 MB more RSS." % COMPILE_COMMAND)
 
 
 # ----------------------------------------------------------------------------- policies
@@ -172,6 +225,25 @@ def grow_table_trigger() -> Dict[str, Optional[float]]:
     ttf = trig.get("time_to_full_below")
     return {"usage": trig.get("usage_at_least"), "ttf": parse_duration(ttf) if ttf is not None else None,
             "ttf_min_usage": trig.get("time_to_full_min_usage", 0.0)}
+
+
+def shipped_agent_settings():
+    """The shipped policy's [agent] settings (config/policy.toml), as the agent reads them."""
+    from conntrack_agent import config
+
+    with open(DEFAULT_POLICY, "rb") as f:
+        return config.loads(f.read(), str(DEFAULT_POLICY)).agent
+
+
+def calm_tick(maximum: int, count: int = 0) -> float:
+    """The shipped policy's calm tick (seconds) for a table of ``count`` of ``maximum``:
+    the time a storm of agent.storm_rate needs to fill policy.STORM_ROOM_SHARE of the free
+    room, clamped to [fast_interval, interval] (policy.next_interval without pressure)."""
+    from conntrack_agent import policy
+
+    agent = shipped_agent_settings()
+    calm = max(0, maximum - count) * policy.STORM_ROOM_SHARE / agent.storm_rate
+    return min(agent.interval, max(agent.fast_interval, calm))
 
 
 def agent_ceiling() -> int:
@@ -230,6 +302,15 @@ def proc_memory(pid: int) -> Dict[str, int]:
     except FileNotFoundError:
         pass
     return out
+
+
+def maps_openssl(pid: int) -> Optional[bool]:
+    """Whether the process has libssl or libcrypto mapped (None: could not read its maps)."""
+    try:
+        with open("/proc/%d/maps" % pid) as f:
+            return any("libssl" in line or "libcrypto" in line for line in f)
+    except OSError:
+        return None
 
 
 class Agent:

@@ -6,11 +6,18 @@ conntrack active, nothing in the table) is the quiet node; agents run inside it
 with `ip netns exec`, watching their own namespace as the shipped policy does,
 all at once for --duration seconds after a --warmup:
 
-- default policy (250 ms calm tick), as the unit runs it: GLib main loop with the
-  D-Bus API, on a private bus (dbus-daemon --session standing in for the system
-  bus, which this VM lacks; DBUS_SYSTEM_BUS_ADDRESS points the agent at it);
+- default policy, as the unit runs it: GLib main loop with the D-Bus API, on a
+  private bus (dbus-daemon --session standing in for the system bus, which this
+  VM lacks; DBUS_SYSTEM_BUS_ADDRESS points the agent at it). Its calm tick follows
+  the free room (config/policy.toml: the time a storm of agent.storm_rate needs to
+  fill a quarter of it, between fast_interval and interval): with an empty table
+  and this VM's max, the label says how long;
 - default policy with --no-dbus (the plain select() loop);
 - both again at the fast-tick rate (interval = fast_interval = 50 ms).
+
+The agent package is compiled first (python -m compileall -q agent/), as an
+installed package ships it: this environment sets PYTHONDONTWRITEBYTECODE=1,
+and an agent without .pyc files compiles every module at start (~3 MB RSS).
 
 Per agent, from /proc over the window: CPU (schedstat run time, all threads) as
 seconds per hour and % of one core, wake-ups per second (voluntary + involuntary
@@ -18,9 +25,10 @@ context switches, all threads), RSS (VmRSS, VmHWM) and smaps_rollup's Pss and
 private memory.
 
 Then, since RSS is the tight target, an import ladder in fresh interpreters
-(RSS, Pss and import time after each step), the same with structlog replaced by
-a stub, `python -X importtime` to name who imports the heavy modules, and
-tracemalloc's Python-heap bytes by package.
+doing what `conntrack-agent run` does (ssl kept out first, as cli._keep_tls_out
+does, then structlog and the agent's modules; RSS, Pss and import time after each
+step), the same with structlog replaced by a stub, `python -X importtime` to name
+who imports the heavy modules, and tracemalloc's Python-heap bytes.
 
     bench/idle.py                       # 150 s; writes bench/results/idle.md (+ .json)
     bench/idle.py --duration 3 --warmup 1 --out /tmp/x.md     # smoke
@@ -45,9 +53,9 @@ import benchlib  # noqa: E402
 RSS_TARGET_MB = 25.0
 CPU_TARGET_PCT = 0.1
 MODES = [
-    # name, policy extra, D-Bus (service loop), label
-    ("default", "", True, "default policy (250 ms tick), as the unit runs it (GLib loop + D-Bus API)"),
-    ("default-nodbus", "", False, "default policy (250 ms tick), --no-dbus (select loop)"),
+    # name, policy extra, D-Bus (service loop), label ({calm}: the calm tick on this node)
+    ("default", "", True, "default policy (calm tick {calm}), as the unit runs it (GLib loop + D-Bus API)"),
+    ("default-nodbus", "", False, "default policy (calm tick {calm}), --no-dbus (select loop)"),
     ("fast", benchlib.FAST_TICK, True, "fast tick (50 ms), GLib loop + D-Bus API"),
     ("fast-nodbus", benchlib.FAST_TICK, False, "fast tick (50 ms), --no-dbus"),
 ]
@@ -57,12 +65,21 @@ AGENT_CORE = ("conntrack_agent.cli,conntrack_agent.config,conntrack_agent.servic
               "conntrack_agent.executor,conntrack_agent.policy,conntrack_agent.mainloop,"
               "conntrack_agent.sdnotify,conntrack_agent.journald")
 AGENT_DBUS = "conntrack_agent.dbus_service"
+# `conntrack-agent run` (cli.cmd_run) marks ssl absent before anything imports
+# structlog: asyncio, which structlog imports, then runs without OpenSSL.
+KEEP_TLS_OUT = "keep-tls-out"
 LADDERS = {
-    "as shipped": [("structlog's heavy stdlib: ssl", "ssl"), ("asyncio (rest)", "asyncio"),
-                   ("structlog itself", "structlog"), ("the agent's modules", AGENT_CORE),
-                   ("D-Bus: gi + pydbus (dbus_service)", AGENT_DBUS)],
-    "structlog stubbed": [("a stub in place of structlog", "stub:structlog"), ("the agent's modules", AGENT_CORE),
-                          ("D-Bus: gi + pydbus (dbus_service)", AGENT_DBUS)],
+    "as the daemon runs": [
+        ("ssl kept out (`cli._keep_tls_out`: sys.modules[\"ssl\"] = None)", KEEP_TLS_OUT),
+        ("asyncio, imported by structlog (without ssl)", "asyncio"),
+        ("structlog itself", "structlog"), ("the agent's modules", AGENT_CORE),
+        ("D-Bus: gi + pydbus (dbus_service)", AGENT_DBUS)],
+    "structlog stubbed": [
+        ("ssl kept out, a stub in place of structlog", KEEP_TLS_OUT + ",stub:structlog"),
+        ("the agent's modules", AGENT_CORE), ("D-Bus: gi + pydbus (dbus_service)", AGENT_DBUS)],
+    # For reference: what ssl costs a process that lets asyncio import it (the daemon
+    # did before commit 8895219).
+    "ssl not kept out (reference)": [("ssl, as asyncio imports it", "ssl")],
 }
 
 
@@ -110,6 +127,9 @@ for step in sys.argv[2:]:
     for name in step.split(","):
         if name == "stub:structlog":
             exec(STUB, {})
+        elif name == "keep-tls-out":
+            if "ssl" not in sys.modules:
+                sys.modules["ssl"] = None
         else:
             importlib.import_module(name)
     ms = (time.perf_counter() - t) * 1000
@@ -129,11 +149,16 @@ def run_ladder(steps: Sequence[str], trace: bool = False) -> Dict[str, Any]:
 
 
 def import_chains(modules: Sequence[str]) -> Dict[str, List[str]]:
-    """Who imports each of ``modules`` first, from `python -X importtime` (child before parent)."""
+    """Who imports each of ``modules`` first, as the daemon imports (ssl kept out), from
+    `python -X importtime` (child before parent). A module kept out, which importtime
+    still lists as a failed attempt, maps to an empty chain."""
     env = dict(os.environ, PYTHONPATH=str(benchlib.REPO / "agent"))
-    code = "import " + ", ".join(AGENT_CORE.split(",") + [AGENT_DBUS])
-    err = subprocess.run([benchlib.AGENT_PYTHON, "-X", "importtime", "-c", code], capture_output=True,
-                         text=True, env=env, timeout=120).stderr
+    code = ("import json, sys\nsys.modules['ssl'] = None\nimport " + ", ".join(AGENT_CORE.split(",") + [AGENT_DBUS])
+            + "\nprint(json.dumps([m for m in %r if sys.modules.get(m) is not None]))" % (list(modules),))
+    proc = subprocess.run([benchlib.AGENT_PYTHON, "-X", "importtime", "-c", code], capture_output=True,
+                          text=True, env=env, timeout=120)
+    loaded = set(json.loads(proc.stdout.strip().splitlines()[-1]))
+    err = proc.stderr
     rows = []
     for line in err.splitlines():
         if not line.startswith("import time:") or "|" not in line:
@@ -145,6 +170,9 @@ def import_chains(modules: Sequence[str]) -> Dict[str, List[str]]:
         rows.append((depth, name.strip()))
     chains = {}
     for target in modules:
+        if target not in loaded:
+            chains[target] = []
+            continue
         idx = next((i for i, (_, n) in enumerate(rows) if n == target), None)
         if idx is None:
             continue
@@ -160,18 +188,27 @@ def import_chains(modules: Sequence[str]) -> Dict[str, List[str]]:
 
 
 # The agent's tick, warm and in-process, with cProfile: which parts of a tick cost what.
+# The agent runs on a simulated clock that advances by each tick's own interval, so
+# what is rate-limited by time (the per-CPU counters' 1 s refresh, STATUS= once a
+# second) happens as often per tick as on the quiet node, without the sleeps.
 _TICK_PROFILE = r"""
 import cProfile, json, os, pstats, sys, time
 from pathlib import Path
 from conntrack_agent import config, logsetup, service
 logsetup.configure("json", stream=open(os.devnull, "w"))
-agent = service.Agent(None, False, logsetup.get_logger(), initial=config.load(Path(sys.argv[1])))
+now = [time.monotonic()]
+agent = service.Agent(None, False, logsetup.get_logger(), clock=lambda: now[0],
+                      initial=config.load(Path(sys.argv[1])))
 agent.start()
 n = int(sys.argv[2])
+intervals = []
 def ticks(k):
     for _ in range(k):
-        agent.tick()
-        agent.status_line()   # what the loop hands the notifier every tick
+        delay = agent.tick()
+        if agent.status_due():
+            agent.status_line()   # what the loop then hands the notifier
+        intervals.append(delay)
+        now[0] += delay
 ticks(200)
 t = time.process_time()
 ticks(n)
@@ -183,17 +220,19 @@ prof.disable()
 stats = pstats.Stats(prof).stats
 want = [("service.py", "tick"), ("sampler.py", "sample"), ("ctnetlink.py", "stats"),
         ("ctnetlink.py", "cpu_stats"), ("model.py", "update"), ("policy.py", "decide"),
-        ("policy.py", "next_interval"), ("service.py", "_note_pressure"), ("service.py", "status_line")]
+        ("policy.py", "next_interval"), ("service.py", "_note_pressure"), ("service.py", "status_due"),
+        ("service.py", "status_line")]
 rows = {}
 for (path, _line, func), (_cc, calls, _tt, cum, _callers) in stats.items():
     for suffix, name in want:
         if func == name and path.endswith("conntrack_agent/" + suffix):
             rows[suffix.replace(".py", "") + "." + name] = {"calls_per_tick": calls / n, "cum": cum}
-total = sum(r["cum"] for k, r in rows.items() if k in ("service.tick", "service.status_line"))
+total = sum(r["cum"] for k, r in rows.items() if k in ("service.tick", "service.status_due", "service.status_line"))
 for r in rows.values():
     r["share"] = r.pop("cum") / total if total else 0.0
 agent.stop("profile")
-print(json.dumps({"warm_us_per_tick": warm, "ticks": n, "functions": rows}))
+print(json.dumps({"warm_us_per_tick": warm, "ticks": n, "functions": rows,
+                  "interval_s": sorted(intervals)[len(intervals) // 2]}))
 """
 
 
@@ -219,14 +258,16 @@ def private_bus(where: Path) -> Optional[subprocess.Popen]:
 
 
 # Reference processes, measured beside the agents: what waking a Python process
-# every 250 ms costs by itself, and with the agent's sample added.
-REFERENCES = [
-    ("ref-floor", "reference: bare Python loop, `select()` every 250 ms",
-     "import select\nwhile True:\n    select.select([], [], [], 0.25)\n"),
-    ("ref-sample", "reference: Python loop, `Sampler.sample()` + `select()` every 250 ms",
-     "import select\nfrom conntrack_agent.sampler import Sampler\ns = Sampler(('',), 0.5)\n"
-     "s.open_missing()\nwhile True:\n    s.sample()\n    select.select([], [], [], 0.25)\n"),
-]
+# as often as the agent's calm tick costs by itself, and with the agent's sample added.
+def references(period: float) -> List[Tuple[str, str, str]]:
+    ms = "%.0f ms" % (period * 1000)
+    return [
+        ("ref-floor", "reference: bare Python loop, `select()` every %s" % ms,
+         "import select\nwhile True:\n    select.select([], [], [], %r)\n" % period),
+        ("ref-sample", "reference: Python loop, `Sampler.sample()` + `select()` every %s" % ms,
+         "import select\nfrom conntrack_agent.sampler import Sampler\ns = Sampler(('',), 0.5)\n"
+         "s.open_missing()\nwhile True:\n    s.sample()\n    select.select([], [], [], %r)\n" % period),
+    ]
 
 
 def _figures(pid: int, t0: float, s0: Dict[str, int], peak_kib: int) -> Dict[str, Any]:
@@ -241,7 +282,7 @@ def _figures(pid: int, t0: float, s0: Dict[str, int], peak_kib: int) -> Dict[str
         "threads": s1["threads"], "rss_mb": mem["VmRSS"] / 1024, "hwm_mb": mem["VmHWM"] / 1024,
         "rss_peak_window_mb": peak_kib / 1024, "pss_mb": mem.get("Pss", 0) / 1024,
         "private_mb": mem.get("Private", 0) / 1024, "anon_mb": mem.get("RssAnon", 0) / 1024,
-        "file_mb": mem.get("RssFile", 0) / 1024,
+        "file_mb": mem.get("RssFile", 0) / 1024, "openssl_mapped": benchlib.maps_openssl(pid),
     }
 
 
@@ -249,6 +290,9 @@ def measure_agents(rig, args, tmp: Path) -> Tuple[List[Dict[str, Any]], Dict[str
     buses: List[subprocess.Popen] = []
     agents: Dict[str, benchlib.Agent] = {}
     modes = [m for m in MODES if m[0] in args.modes.split(",")]
+    quiet_max = rig.read_sysctl("nf_conntrack_max")
+    calm = benchlib.calm_tick(quiet_max)
+    refs_spec = references(calm)
     try:
         with rig.Namespace() as ns:
             profile = profile_tick(ns, benchlib.policy_dir(tmp / "profile"), args.profile_ticks)
@@ -264,7 +308,7 @@ def measure_agents(rig, args, tmp: Path) -> Tuple[List[Dict[str, Any]], Dict[str
                                               prefix=["ip", "netns", "exec", ns.name], env=env)
             env = dict(os.environ, PYTHONPATH=str(benchlib.REPO / "agent"))
             refs = {name: ns.popen([benchlib.AGENT_PYTHON, "-c", code], env=env, stdout=subprocess.DEVNULL)
-                    for name, _label, code in REFERENCES} if args.references else {}
+                    for name, _label, code in refs_spec} if args.references else {}
             for agent in agents.values():
                 agent.wait_for("conntrack_available")
             time.sleep(args.warmup)
@@ -284,9 +328,10 @@ def measure_agents(rig, args, tmp: Path) -> Tuple[List[Dict[str, Any]], Dict[str
             for name, _extra, dbus, label in modes:
                 bus = "connected" if dbus and not agents[name].of_kind("dbus_unavailable") else (
                     "unavailable" if dbus else "off")
-                rows.append(dict(mode=name, label=label, dbus=dbus, bus=bus,
-                                 **_figures(pids[name], *start[name], peak[name])))
-            for name, label, _code in REFERENCES:
+                rows.append(dict(mode=name, label=label.format(calm="%.0f ms" % (calm * 1000)), dbus=dbus,
+                                 bus=bus, calm_tick_s=calm if not name.startswith("fast") else 0.05,
+                                 quiet_max=quiet_max, **_figures(pids[name], *start[name], peak[name])))
+            for name, label, _code in refs_spec:
                 if name in refs:
                     rows.append(dict(mode=name, label=label, dbus=False, bus="off",
                                      **_figures(pids[name], *start[name], peak[name])))
@@ -301,23 +346,43 @@ def measure_agents(rig, args, tmp: Path) -> Tuple[List[Dict[str, Any]], Dict[str
 
 # ----------------------------------------------------------------------------- report
 
+SHIPPED_LADDER = "as the daemon runs"
+
+
+def _steps(ladders, title: str) -> List[Dict[str, Any]]:
+    return ladders[title]["steps"]
+
+
+def _mb(a: Dict[str, Any], b: Dict[str, Any], key: str = "VmRSS") -> float:
+    return (a[key] - b[key]) / 1024
+
+
+def _openssl(r: Dict[str, Any]) -> str:
+    return {True: "yes", False: "no", None: "?"}[r.get("openssl_mapped")]
+
+
 def render(rows, profile, ladders, chains, traced, command: str, mach, args) -> str:
-    lines = ["# Idle cost", ""] + benchlib.provenance(command, mach) + [
-        "- a quiet node: a fresh namespace with conntrack active and an empty table; the agents run "
-        "inside it (`ip netns exec`), watching their own namespace as the shipped policy does, all at "
-        "once, measured over %.0f s after a %.0f s warm-up." % (args.duration, args.warmup),
+    first = next((r for r in rows if r["mode"].startswith("default")), rows[0])
+    lines = ["# Idle cost", ""] + benchlib.provenance(command, mach) + [benchlib.bytecode_line()] + [
+        "- a quiet node: a fresh namespace with conntrack active and an empty table (nf_conntrack_max %d); "
+        "the agents run inside it (`ip netns exec`), watching their own namespace as the shipped policy "
+        "does, all at once, measured over %.0f s after a %.0f s warm-up. With this max and an empty table "
+        "the shipped calm tick is %.0f ms (the time a storm of agent.storm_rate = %d/s needs to fill a "
+        "quarter of the free room, between fast_interval and interval)." % (
+            first.get("quiet_max", 0), args.duration, args.warmup, first.get("calm_tick_s", 0) * 1000,
+            benchlib.shipped_agent_settings().storm_rate),
         "- CPU: schedstat run time of all threads; wake-ups: voluntary + involuntary context switches "
         "of all threads, per second; RSS: VmRSS at the end (VmHWM is the peak since start); Pss and "
-        "private from smaps_rollup.",
+        "private from smaps_rollup; OpenSSL mapped: libssl or libcrypto in the process's maps.",
         "",
         "| agent | CPU s/hour | % of one core | wake-ups/s | CPU µs per wake-up | threads | RSS | peak RSS (VmHWM) "
-        "| Pss | private | D-Bus |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| Pss | private | OpenSSL mapped | D-Bus |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for r in rows:
-        lines.append("| %s | %.2f | %.3f%% | %.1f | %.0f | %d | %.1f MB | %.1f MB | %.1f MB | %.1f MB | %s |" % (
+        lines.append("| %s | %.2f | %.3f%% | %.1f | %.0f | %d | %.1f MB | %.1f MB | %.1f MB | %.1f MB | %s | %s |" % (
             r["label"], r["cpu_s_per_hour"], r["core_pct"], r["wakeups_per_s"], r["cpu_us_per_wakeup"],
-            r["threads"], r["rss_mb"], r["hwm_mb"], r["pss_mb"], r["private_mb"], r["bus"]))
+            r["threads"], r["rss_mb"], r["hwm_mb"], r["pss_mb"], r["private_mb"], _openssl(r), r["bus"]))
     lines += ["", "Against the targets (default policy: at most %.1f%% of a core, RSS at most %.0f MB):" % (
         CPU_TARGET_PCT, RSS_TARGET_MB), ""]
     for r in rows:
@@ -334,14 +399,16 @@ def render(rows, profile, ladders, chains, traced, command: str, mach, args) -> 
     fast = [r for r in rows if r["mode"].startswith("fast")]
     if fast:
         lines.append("- at the fast tick (no target; what 20 ticks a second cost): %s." % "; ".join(
-            "%s %.3f%% of a core, %.0f wake-ups/s" % ("D-Bus" if r["dbus"] else "--no-dbus", r["core_pct"],
-                                                     r["wakeups_per_s"]) for r in fast))
+            "%s %.3f%% of a core, %.0f wake-ups/s, %.0f µs per wake-up" % (
+                "D-Bus" if r["dbus"] else "--no-dbus", r["core_pct"], r["wakeups_per_s"], r["cpu_us_per_wakeup"])
+            for r in fast))
     lines += profile_lines(profile)
     lines += ["", "## Where the memory goes", "",
-              "Fresh interpreters (%s) importing what `conntrack-agent run` imports, one group at a time; "
-              "each row is the increase over the row before." % benchlib.AGENT_PYTHON, ""]
+              "Fresh interpreters (%s, the agent's modules from their compiled bytecode) importing what "
+              "`conntrack-agent run` imports, one group at a time; each row is the increase over the row "
+              "before." % benchlib.AGENT_PYTHON, ""]
     for title, result in ladders.items():
-        heap = traced if title == "as shipped" else None
+        heap = traced if title == SHIPPED_LADDER else None
         lines += ["%s:" % title, "", "| step | import ms | modules | RSS | Pss | private | Python heap |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         steps = result["steps"]
@@ -356,18 +423,20 @@ def render(rows, profile, ladders, chains, traced, command: str, mach, args) -> 
             if heap:
                 h = "+%.1f MB" % ((heap[i]["heap"] - heap[i - 1]["heap"]) / 1024)
             lines.append("| + %s | %.0f | +%d | +%.1f MB | +%.1f MB | +%.1f MB | %s |" % (
-                labels[i], s["ms"], s["modules"] - p["modules"], (s["VmRSS"] - p["VmRSS"]) / 1024,
-                (s["Pss"] - p["Pss"]) / 1024, (s["Private"] - p["Private"]) / 1024, h))
+                labels[i], s["ms"], s["modules"] - p["modules"], _mb(s, p), _mb(s, p, "Pss"),
+                _mb(s, p, "Private"), h))
         last = steps[-1]
         lines += ["| = total | | %d | %.1f MB | %.1f MB | %.1f MB | %s |" % (
             last["modules"], last["VmRSS"] / 1024, last["Pss"] / 1024, last["Private"] / 1024,
             "%.1f MB" % (heap[-1]["heap"] / 1024) if heap else ""), ""]
-    lines += ["RSS counts the interpreter's shared libraries (libpython, libc, libssl, …) in full; Pss "
-              "shares them out among the processes mapping them; private is what this process alone "
-              "holds. Python heap: tracemalloc's traced bytes (objects, code), in a separate run.", ""]
+    lines += ["RSS counts the interpreter's shared libraries (libpython, libc, …) in full; Pss shares them "
+              "out among the processes mapping them; private is what this process alone holds. Python heap: "
+              "tracemalloc's traced bytes (objects, code), in a separate run.", ""]
     if chains:
-        lines.append("Who imports them (`python -X importtime`, outermost first): " + "; ".join(
-            "%s ← %s" % (m, " → ".join(c)) for m, c in chains.items()) + ".")
+        named = ["%s ← %s" % (m, " → ".join(c)) if c else "%s: not loaded (kept out: asyncio's attempt to "
+                 "import it fails, and asyncio runs without TLS)" % m for m, c in chains.items()]
+        lines.append("Who imports them as the daemon runs (`python -X importtime` with ssl kept out, outermost "
+                     "first): " + "; ".join(named) + ".")
         lines.append("")
     lines.append(verdict_rss(rows, ladders, chains))
     lines.append("")
@@ -377,107 +446,142 @@ def render(rows, profile, ladders, chains, traced, command: str, mach, args) -> 
 def targets(rows, ladders=None) -> List[Dict[str, Any]]:
     out = []
     by = {r["mode"]: r for r in rows}
-    floor, sample = by.get("ref-floor"), by.get("ref-sample")
     shipped = by.get("default")
     if shipped:
         other = by.get("default-nodbus")
         extra = lambda key, fmt: ("; --no-dbus: " + fmt % other[key]) if other else ""  # noqa: E731
+        met = shipped["core_pct"] <= CPU_TARGET_PCT
         out.append({"bench": "idle", "target": "default policy ≤ %.1f%% of one core" % CPU_TARGET_PCT,
-                    "met": shipped["core_pct"] <= CPU_TARGET_PCT,
-                    "figure": "%.3f%% (%.2f CPU s/hour, %.1f wake-ups/s) as the unit runs it%s" % (
-                        shipped["core_pct"], shipped["cpu_s_per_hour"], shipped["wakeups_per_s"],
-                        extra("core_pct", "%.3f%%")),
-                    "why": ("%.0f µs of CPU per wake-up against a budget of %.0f: waking a Python process "
-                            "costs %.0f µs, the sample after a 250 ms sleep %.0f µs more, the rest of the "
-                            "tick (decide() twice, the status line) %.0f µs" % (
-                                shipped["cpu_us_per_wakeup"], CPU_TARGET_PCT / 100 / shipped["wakeups_per_s"] * 1e6,
-                                floor["cpu_us_per_wakeup"], sample["cpu_us_per_wakeup"] - floor["cpu_us_per_wakeup"],
-                                shipped["cpu_us_per_wakeup"] - sample["cpu_us_per_wakeup"]))
-                    if floor and sample and shipped["wakeups_per_s"] else ""})
+                    "met": met,
+                    "figure": "%.3f%% (%.2f CPU s/hour, %.1f wake-ups/s, %.0f µs per wake-up) as the unit runs "
+                              "it%s" % (shipped["core_pct"], shipped["cpu_s_per_hour"], shipped["wakeups_per_s"],
+                                        shipped["cpu_us_per_wakeup"], extra("core_pct", "%.3f%%")),
+                    "why": verdict_cpu(rows, brief=True)})
         out.append({"bench": "idle", "target": "default policy RSS ≤ %.0f MB" % RSS_TARGET_MB,
                     "met": shipped["hwm_mb"] <= RSS_TARGET_MB,
                     "figure": "%.1f MB peak (VmHWM) as the unit runs it%s" % (
                         shipped["hwm_mb"], extra("hwm_mb", "%.1f MB")),
-                    "why": _rss_why(ladders) if ladders else ""})
+                    "why": _rss_why(rows, ladders) if ladders else ""})
     return out
 
 
 PROFILE_LABELS = [
     ("sampler.sample", "`Sampler.sample()`: the kernel reads and the fill rate"),
     ("ctnetlink.stats", "&nbsp;&nbsp;└ GET_STATS (count, max)"),
-    ("ctnetlink.cpu_stats", "&nbsp;&nbsp;└ GET_STATS_CPU (drop counters)"),
+    ("ctnetlink.cpu_stats", "&nbsp;&nbsp;└ GET_STATS_CPU (drop counters; at most once a second below half full)"),
     ("model.update", "&nbsp;&nbsp;└ `FillTracker.update`"),
     ("policy.decide", "`policy.decide()`: every rule's trigger"),
     ("policy.next_interval", "`policy.next_interval()`"),
     ("service._note_pressure", "`Agent._note_pressure()`"),
-    ("service.status_line", "`Agent.status_line()` (handed to the notifier every tick)"),
+    ("service.status_line", "`Agent.status_line()` (STATUS=, at most once a second)"),
 ]
 
 
 def profile_lines(profile: Dict[str, Any]) -> List[str]:
     fns = profile["functions"]
-    lines = ["", "### One tick, warm", "",
-             "The agent's tick run %d times in-process in the same quiet namespace (caches warm, no sleep): "
+    lines = ["", "## One tick, warm", "",
+             "The agent's tick run %d times in-process in the same quiet namespace (caches warm, no sleep), on a "
+             "simulated clock advancing by each tick's own interval (%.0f ms here), so the per-CPU counters' "
+             "1 s refresh and the once-a-second status line come as often per tick as on the quiet node: "
              "**%.0f µs of CPU per tick**. Shares of the tick under cProfile (which inflates small "
-             "functions, so read them as proportions):" % (profile["ticks"], profile["warm_us_per_tick"]), "",
+             "functions, so read them as proportions):" % (
+                 profile["ticks"], profile.get("interval_s", 0) * 1000, profile["warm_us_per_tick"]), "",
              "| part | calls per tick | share of the tick |", "| --- | ---: | ---: |"]
     for key, label in PROFILE_LABELS:
         if key in fns:
-            lines.append("| %s | %.1f | %.0f%% |" % (label, fns[key]["calls_per_tick"], fns[key]["share"] * 100))
+            lines.append("| %s | %.2f | %.0f%% |" % (label, fns[key]["calls_per_tick"], fns[key]["share"] * 100))
     decide = fns.get("policy.decide")
     if decide and decide["calls_per_tick"] >= 1.5:
-        lines += ["", "`policy.decide()` runs %.0f times per tick even when nothing is to be done: "
-                  "`Agent.tick()` evaluates once to see whether any action is due and again to advance the "
-                  "core's state, so a quiet tick pays for every rule's trigger twice." % decide["calls_per_tick"]]
+        lines += ["", "`policy.decide()` runs %.1f times per quiet tick: a quiet tick pays for every rule's "
+                  "trigger more than once." % decide["calls_per_tick"]]
     return lines
 
 
-def _rss_why(ladders) -> str:
-    shipped, stub = ladders["as shipped"]["steps"], ladders["structlog stubbed"]["steps"]
-    mb = lambda a, b: (a["VmRSS"] - b["VmRSS"]) / 1024  # noqa: E731
-    return ("the interpreter %.1f MB; structlog 22.3 +%.1f MB, mostly the asyncio and ssl it imports "
-            "(%.1f MB less with structlog stubbed); gi + pydbus +%.1f MB; the agent's modules +%.1f MB"
-            % (shipped[0]["VmRSS"] / 1024, mb(shipped[3], shipped[0]), mb(shipped[-1], stub[-1]),
-               mb(shipped[5], shipped[4]), mb(shipped[4], shipped[3])))
-
-
-def verdict_cpu(rows) -> str:
+def _cpu_parts(rows) -> Optional[Dict[str, float]]:
     by = {r["mode"]: r for r in rows}
     agent, floor, sample = by.get("default"), by.get("ref-floor"), by.get("ref-sample")
-    if not (agent and floor and sample):
+    if not (agent and floor and sample and agent["wakeups_per_s"]):
+        return None
+    return {"per_wakeup": agent["cpu_us_per_wakeup"], "wakeups": agent["wakeups_per_s"],
+            "budget": CPU_TARGET_PCT / 100 / agent["wakeups_per_s"] * 1e6, "floor": floor["cpu_us_per_wakeup"],
+            "floor_pct": floor["core_pct"], "sample": sample["cpu_us_per_wakeup"],
+            "rest": agent["cpu_us_per_wakeup"] - sample["cpu_us_per_wakeup"],
+            "calm_ms": agent.get("calm_tick_s", 0) * 1000}
+
+
+def _rss_why(rows, ladders) -> str:
+    """The parts of the daemon's imports, largest first, for the glance table."""
+    shipped = _steps(ladders, SHIPPED_LADDER)
+    by = {r["mode"]: r for r in rows}
+    nodbus = by.get("default-nodbus")
+    parts = sorted([
+        (shipped[0]["VmRSS"] / 1024, "the interpreter %.1f MB"),
+        (_mb(shipped[5], shipped[4]), "gi + pydbus for the D-Bus API +%.1f MB"),
+        (_mb(shipped[2], shipped[1]), "asyncio, which structlog imports and the agent never uses, +%.1f MB "
+                                      "(ssl kept out)"),
+        (_mb(shipped[4], shipped[3]), "the agent's modules +%.1f MB"),
+        (_mb(shipped[3], shipped[2]), "structlog itself +%.1f MB"),
+    ], key=lambda p: -p[0])
+    text = "; ".join(fmt % mb for mb, fmt in parts)
+    service = by.get("default")
+    if service:
+        text += "; %.1f MB allocated once running" % (service["hwm_mb"] - shipped[-1]["VmRSS"] / 1024)
+    if nodbus:
+        text += "; --no-dbus peaks at %.1f MB" % nodbus["hwm_mb"]
+    return text
+
+
+def verdict_cpu(rows, brief: bool = False) -> str:
+    """Where the idle agent's CPU goes; ``brief``: one line for the glance table."""
+    p = _cpu_parts(rows)
+    if p is None:
         return ""
-    budget = CPU_TARGET_PCT / 100 / max(agent["wakeups_per_s"], 1e-9) * 1e6
+    if brief:
+        return ("%.0f µs of CPU per wake-up at %.1f wake-ups/s (budget %.0f µs): waking a Python process costs "
+                "%.0f µs, the sample after a %.0f ms sleep %.0f µs more, the rest of the tick and the main loop "
+                "%.0f µs" % (p["per_wakeup"], p["wakeups"], p["budget"], p["floor"], p["calm_ms"],
+                             p["sample"] - p["floor"], p["rest"]))
     return ("Where the CPU goes: the default agent spends %.0f µs of CPU per wake-up; the budget at its "
-            "%.1f wake-ups/s is %.0f µs. A bare Python loop waking as often spends %.0f µs per wake-up "
-            "(%.3f%% of a core: the floor for any Python daemon ticking at 250 ms on this VM); adding the "
-            "agent's sample makes it %.0f µs (after a 250 ms sleep the sample costs far more than back "
-            "to back in sample.md: cold caches and TLB, on a VM); the rest of the tick (decide, the "
-            "status line, re-arming the loop) %.0f µs." % (
-                agent["cpu_us_per_wakeup"], agent["wakeups_per_s"], budget, floor["cpu_us_per_wakeup"],
-                floor["core_pct"], sample["cpu_us_per_wakeup"],
-                agent["cpu_us_per_wakeup"] - sample["cpu_us_per_wakeup"]))
+            "%.1f wake-ups/s is %.0f µs. A bare Python loop waking every %.0f ms spends %.0f µs per wake-up "
+            "(%.3f%% of a core: the floor for any Python daemon waking that often on this VM); adding the "
+            "agent's sample makes it %.0f µs (after a sleep the sample costs far more than back to back in "
+            "sample.md: cold caches and TLB, on a VM); the rest of the tick and the main loop (decide, "
+            "the status line once a second, re-arming the timer; with D-Bus, GLib's loop) %.0f µs. The "
+            "cost follows the wake-ups: %.1f a second here against 4.1 with the former fixed 250 ms tick (e489f25)." % (
+                p["per_wakeup"], p["wakeups"], p["budget"], p["calm_ms"], p["floor"], p["floor_pct"],
+                p["sample"], p["rest"], p["wakeups"]))
 
 
 def verdict_rss(rows, ladders, chains) -> str:
-    shipped = ladders["as shipped"]["steps"]
-    stub = ladders["structlog stubbed"]["steps"]
-    mb = lambda a, b: (a["VmRSS"] - b["VmRSS"]) / 1024  # noqa: E731
+    shipped = _steps(ladders, SHIPPED_LADDER)
+    stub = _steps(ladders, "structlog stubbed")
     service = next((r for r in rows if r["mode"] == "default"), None)
-    text = ("RSS of the default agent as the unit runs it: %.1f MB at peak (target %.0f MB). " % (
-        service["hwm_mb"], RSS_TARGET_MB)) if service else ""
-    text += ("What costs the most: the interpreter itself (%.1f MB RSS before any import, most of it "
-             "libpython and libc pages shared with other Python processes); then importing structlog "
-             "(+%.1f MB), of which ssl +%.1f MB (libssl and libcrypto mapped) and asyncio +%.1f MB"
-             % (shipped[0]["VmRSS"] / 1024, mb(shipped[3], shipped[0]), mb(shipped[1], shipped[0]),
-                mb(shipped[2], shipped[1])))
-    chain = chains.get("ssl", [])
+    nodbus = next((r for r in rows if r["mode"] == "default-nodbus"), None)
+    text = ("RSS of the default agent as the unit runs it: %.1f MB at peak (target %.0f MB), OpenSSL mapped: "
+            "%s. " % (service["hwm_mb"], RSS_TARGET_MB, _openssl(service))) if service else ""
+    text += ("What costs the most: the interpreter itself (%.1f MB RSS before any import, most of it libpython "
+             "and libc pages shared with other Python processes); then structlog (+%.1f MB with the asyncio "
+             "it imports, %.1f MB of that asyncio, which the agent does not use); the agent's own modules "
+             "(+%.1f MB); gi + pydbus for the D-Bus API (+%.1f MB)." % (
+                 shipped[0]["VmRSS"] / 1024, _mb(shipped[3], shipped[1]), _mb(shipped[2], shipped[1]),
+                 _mb(shipped[4], shipped[3]), _mb(shipped[5], shipped[4])))
+    chain = chains.get("asyncio", [])
     if "structlog" in chain:
-        text += (", pulled in by `%s` although the agent uses neither asyncio nor TLS"
-                 % " → ".join(chain[chain.index("structlog"):]))
-    text += ("; then the agent's own modules (+%.1f MB) and gi + pydbus for the D-Bus API (+%.1f MB). "
-             "With structlog replaced by a stub the same imports total %.1f MB, %.1f MB less."
-             % (mb(shipped[4], shipped[3]), mb(shipped[5], shipped[4]), stub[-1]["VmRSS"] / 1024,
-                mb(shipped[-1], stub[-1])))
+        text += " asyncio comes in through `%s`." % " → ".join(chain[chain.index("structlog"):])
+    if "ssl not kept out (reference)" in ladders:
+        ref = _steps(ladders, "ssl not kept out (reference)")
+        text += (" Keeping ssl out saves %.1f MB RSS (%.1f MB private): what importing ssl costs a fresh "
+                 "interpreter (OpenSSL's libraries mapped)." % (_mb(ref[1], ref[0]), _mb(ref[1], ref[0], "Private")))
+    text += (" With structlog replaced by a stub the same imports total %.1f MB, %.1f MB less than the %.1f "
+             "MB of the daemon's own." % (stub[-1]["VmRSS"] / 1024, _mb(shipped[-1], stub[-1]),
+                                           shipped[-1]["VmRSS"] / 1024))
+    if service:
+        text += (" The running agent holds %.1f MB more than its imports (%.1f MB): what it allocates once "
+                 "running (the policy, the sampler and its sockets, the log pipeline%s)." % (
+                     service["hwm_mb"] - shipped[-1]["VmRSS"] / 1024, shipped[-1]["VmRSS"] / 1024,
+                     ", the GLib main loop and its threads, the D-Bus connection" if service["dbus"] else ""))
+    if nodbus:
+        text += " Without D-Bus (--no-dbus) it peaks at %.1f MB." % nodbus["hwm_mb"]
     return text
 
 
@@ -501,13 +605,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     benchlib.terminate_on_sigterm()
     mach = benchlib.machine()
+    benchlib.compile_agent()   # the agent as installed: from compiled bytecode
     with tempfile.TemporaryDirectory(prefix="ct-idle-") as tmp:
         rows, profile = measure_agents(rig, args, Path(tmp))
     for r in rows:
         print(json.dumps(r), file=sys.stderr, flush=True)
     ladders = {title: run_ladder([mods for _, mods in steps]) for title, steps in LADDERS.items()}
     # tracemalloc inflates RSS: its own run, only for the Python-heap column.
-    traced = run_ladder([mods for _, mods in LADDERS["as shipped"]], trace=True)["steps"]
+    traced = run_ladder([mods for _, mods in LADDERS[SHIPPED_LADDER]], trace=True)["steps"]
     chains = import_chains(["asyncio", "ssl", "gi", "pydbus"])
     md = render(rows, profile, ladders, chains, traced, benchlib.command_line("idle.py", argv), mach, args)
     path = benchlib.write_result("idle", md, args.out)

@@ -199,7 +199,7 @@ def one_run(rig, scenario: str, rate: float, args: argparse.Namespace) -> Dict[s
                 raise RuntimeError("responder did not start")
         agent = None
         if scenario in ("c", "d"):
-            extra = [benchlib.THRESHOLD_ONLY] if scenario == "c" else []
+            extra = [benchlib.threshold_only_policy()] if scenario == "c" else []
             agent = benchlib.Agent(benchlib.policy_dir(tmp, [ns.name], extra))
             stack.callback(agent.stop)
             agent.wait_for("conntrack_available")
@@ -301,6 +301,15 @@ def summarize(scenario, rate, args, start_max, sends, deltas, replies, series, a
                           "reason": e.get("reason")} for e in raises]
         row["first_raise_ms"] = row["raises"][0]["t_ms"] if raises else None
         row["reaction_ms"] = (raises[0]["ts"] - held) * 1000 if raises and held is not None else None
+        # The issue's literal definition, from the agent's log alone: its first pressure
+        # event (the fast-tick threshold: usage >= fast_usage, predicted full within
+        # fast_time_to_full, or drops) to its first raise_max event.
+        pressure = agent.of_kind("pressure")
+        row["pressure_ms"] = (pressure[0]["ts"] - t_start) * 1000 if pressure else None
+        row["pressure_detail"] = pressure[0].get("detail") if pressure else None
+        row["log_reaction_ms"] = ((raises[0]["ts"] - pressure[0]["ts"]) * 1000
+                                  if raises and pressure else None)
+        row["calm_tick_ms"] = benchlib.calm_tick(start_max) * 1000
         row["agent_storm_cpu_s"] = storm_cpu
         row["agent_cpu_s"] = agent.cpu_seconds
         row["agent_peak_rss_mb"] = agent.peak_rss_kib / 1024
@@ -319,10 +328,31 @@ def _merge(dicts) -> Dict[str, int]:
 
 # ----------------------------------------------------------------------------- report
 
-REACTION_TARGET_MS = 50 + 10   # one fast tick of the shipped policy + 10 ms
-CALM_TICK_WHY = ("the storm starts while the agent samples every 250 ms (calm tick): the first sample "
-                 "after the trigger holds can come up to a calm tick later; flat out, 4 generator "
-                 "processes also keep both vCPUs busy")
+def shipped() -> Dict[str, Any]:
+    """What the explanations quote from the shipped policy: ticks, the raise rule's cooldown and headroom."""
+    from conntrack_agent import config
+
+    with open(benchlib.DEFAULT_POLICY, "rb") as f:
+        policy = config.loads(f.read(), str(benchlib.DEFAULT_POLICY))
+    rule = next(r for r in policy.rules if r.name == "grow-table")
+    return {"fast_ms": policy.agent.fast_interval * 1000, "interval_ms": policy.agent.interval * 1000,
+            "storm_rate": policy.agent.storm_rate, "fast_usage": policy.agent.fast_usage,
+            "fast_ttf": policy.agent.fast_time_to_full, "cooldown_ms": rule.cooldown * 1000,
+            "factor": rule.raise_max.factor, "headroom": rule.raise_max.headroom}
+
+
+SHIPPED = None
+
+
+def _shipped() -> Dict[str, Any]:
+    global SHIPPED
+    if SHIPPED is None:
+        SHIPPED = shipped()
+    return SHIPPED
+
+
+def reaction_target_ms() -> float:
+    return _shipped()["fast_ms"] + 10   # one fast tick of the shipped policy + 10 ms
 
 
 def _ms(v: Optional[float], none: str = "n/a") -> str:
@@ -333,25 +363,91 @@ def _rate(rate: float) -> str:
     return "max" if not rate else "%d/s" % rate
 
 
+def _label(r: Dict[str, Any]) -> str:
+    return "max (%.0f/s)" % r["achieved"] if not r["rate"] else _rate(r["rate"])
+
+
+def _count(n: Optional[int]) -> str:
+    return "?" if n is None else str(n)
+
+
 def table(rows: List[Dict[str, Any]]) -> List[str]:
+    """Every run: what the kernel saw."""
     lines = [
         "| rate | achieved flows/s | scenario | flows harmed | drop | early_drop | insert_failed "
-        "| failed sends | peak count | peak usage | max at end | table full at | trigger held at "
-        "| first max write | reaction | agent CPU (storm) | agent peak RSS |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-        "| ---: | ---: |",
+        "| failed sends | peak count | peak usage | max at end | table full at |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        agent = "agent_cpu_s" in r
-        lines.append("| %s | %.0f | (%s) %s | %d | %d | %d | %d | %d | %d | %.0f%% | %d | %s | %s | %s | %s | %s | %s |" % (
+        lines.append("| %s | %.0f | (%s) %s | %d | %d | %d | %d | %d | %d | %.0f%% | %d | %s |" % (
             _rate(r["rate"]), r["achieved"], r["scenario"], SCENARIOS[r["scenario"]], r["harmed"],
             r["drop"], r["early_drop"], r["insert_failed"], r["send_failed"], r["peak_count"],
-            r["peak_usage"] * 100, r["final_max"], _ms(r["full_ms"], "never"),
-            _ms(r.get("trigger_ms")), _ms(r.get("first_raise_ms"), "none" if agent else "n/a"),
-            _ms(r.get("reaction_ms")),
-            ("%.0f ms" % (r["agent_storm_cpu_s"] * 1000)) if agent else "n/a",
-            ("%.1f MB" % r["agent_peak_rss_mb"]) if agent else "n/a"))
+            r["peak_usage"] * 100, r["final_max"], _ms(r["full_ms"], "never")))
     return lines
+
+
+def agent_table(rows: List[Dict[str, Any]]) -> List[str]:
+    """The agent runs: when it saw the storm, when it wrote max, what it cost."""
+    lines = [
+        "| rate | scenario | trigger held (kernel) | first pressure event (log) | first max write (log) "
+        "| **reaction**: trigger held → first max write | reaction from the log alone: pressure → raise_max "
+        "| raises (max) | agent CPU (storm) | agent peak RSS |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+    ]
+    for r in rows:
+        if "agent_cpu_s" not in r:
+            continue
+        chain = " → ".join([_count(r["start_max"])] + [_count(x["new"]) for x in r["raises"]])
+        lines.append("| %s | (%s) %s | %s | %s | %s | %s | %s | %d (%s) | %.0f ms | %.1f MB |" % (
+            _rate(r["rate"]), r["scenario"], SCENARIOS[r["scenario"]], _ms(r.get("trigger_ms"), "never"),
+            _ms(r.get("pressure_ms"), "none"), _ms(r.get("first_raise_ms"), "none"),
+            _ms(r.get("reaction_ms")), _ms(r.get("log_reaction_ms")), len(r["raises"]), chain,
+            r["agent_storm_cpu_s"] * 1000, r["agent_peak_rss_mb"]))
+    return lines
+
+
+def harm_why(rows: List[Dict[str, Any]]) -> str:
+    """Why agent runs harmed flows, from when the table filled against the raises."""
+    harmed = [r for r in rows if r["scenario"] in ("c", "d") and r["harmed"] and r["full_ms"] is not None]
+    if not harmed:
+        return ""
+    before = [r for r in harmed if not any(x["t_ms"] <= r["full_ms"] for x in r["raises"])]
+    between = [r for r in harmed if r not in before]
+    parts = []
+    if before:
+        parts.append("the table filled before the agent's first raise (%s)" % ", ".join(
+            "(%s) %s: full at %s, trigger held at %s, first pressure event at %s, raised at %s" % (
+                r["scenario"], _label(r), _ms(r["full_ms"]), _ms(r.get("trigger_ms"), "never"),
+                _ms(r.get("pressure_ms"), "none"), _ms(r.get("first_raise_ms"), "never")) for r in before))
+    if between:
+        parts.append("the table filled between two raises (%s): a raise left less room than the storm "
+                     "used before the next one (cooldown %.0f ms)" % (
+                         ", ".join("(%s) %s" % (r["scenario"], _label(r)) for r in between),
+                         _shipped()["cooldown_ms"]))
+    return "; ".join(parts)
+
+
+def reaction_why(rows: List[Dict[str, Any]]) -> str:
+    """Why the kernel-observed reaction exceeded the target, from the agent's pressure events."""
+    target = reaction_target_ms()
+    slow = [r for r in rows if r.get("reaction_ms") is not None and r["reaction_ms"] > target]
+    if not slow:
+        return ""
+    calm = [r for r in slow if r.get("pressure_ms") is None or r.get("trigger_ms") is None
+            or r["pressure_ms"] >= r["trigger_ms"]]
+    fast = [r for r in slow if r not in calm]
+    parts = []
+    if calm:
+        parts.append("%s: the trigger held while the agent was still on its calm tick (%.0f ms at max %d and "
+                     "an empty table, longer than the %.0f ms fast tick), and the first sample after it was "
+                     "also the first to show pressure; the time went to waiting for that sample" % (
+                         ", ".join("(%s) %s %.0f ms" % (r["scenario"], _label(r), r["reaction_ms"]) for r in calm),
+                         calm[0]["calm_tick_ms"], calm[0]["start_max"], _shipped()["fast_ms"]))
+    if fast:
+        parts.append("%s: the agent was already on its fast tick (pressure logged before the trigger held); "
+                     "the excess is the CPU the generator and responder processes left it on 2 busy vCPUs" % (
+                         ", ".join("(%s) %s %.0f ms" % (r["scenario"], _label(r), r["reaction_ms"]) for r in fast)))
+    return "; ".join(parts)
 
 
 def targets(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -359,36 +455,43 @@ def targets(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     def runs(s: str) -> List[Dict[str, Any]]:
         return [r for r in rows if r["scenario"] == s]
 
-    def label(r: Dict[str, Any]) -> str:
-        return "max (%.0f/s)" % r["achieved"] if not r["rate"] else _rate(r["rate"])
-
+    target = reaction_target_ms()
     out = []
     d = runs("d")
     if d:
         out.append({"bench": "storm", "target": "(d) default policy harms zero flows at every rate up to the ceiling",
                     "met": all(r["harmed"] == 0 for r in d),
-                    "figure": "; ".join("%s: %d" % (label(r), r["harmed"]) for r in d),
-                    "why": "grow-table doubles max at most once per cooldown (1 s): a storm adding more "
-                           "entries per second than the current max fills the table between two raises"})
-        reacting = [r for r in d if r.get("reaction_ms") is not None]
-        out.append({"bench": "storm", "target": "reaction (trigger held → first max write) ≤ one fast tick + 10 ms "
-                                                "(%d ms), default policy" % REACTION_TARGET_MS,
-                    "met": bool(reacting) and all(r["reaction_ms"] <= REACTION_TARGET_MS for r in reacting),
-                    "figure": "; ".join("%s: %s" % (label(r), _ms(r.get("reaction_ms"), "no raise")) for r in d),
-                    "why": CALM_TICK_WHY})
+                    "figure": "; ".join("%s: %d" % (_label(r), r["harmed"]) for r in d),
+                    "why": harm_why(d)})
+        out.append({"bench": "storm", "target": "reaction (trigger held by the kernel's count → first max write) "
+                                                "≤ one fast tick + 10 ms (%.0f ms), default policy (d)" % target,
+                    "met": all(r.get("reaction_ms") is not None and r["reaction_ms"] <= target for r in d),
+                    "figure": "; ".join("%s: %s" % (_label(r), _ms(r.get("reaction_ms"), "no raise")) for r in d),
+                    "why": reaction_why(d)})
+        out.append({"bench": "storm", "target": "the issue's literal reaction (the agent's log: first pressure event → "
+                                                "first raise_max) ≤ %.0f ms, default policy (d)" % target,
+                    "met": all(r.get("log_reaction_ms") is not None and r["log_reaction_ms"] <= target for r in d),
+                    "figure": "; ".join("%s: %s" % (_label(r), _ms(r.get("log_reaction_ms"), "n/a")) for r in d),
+                    "why": "the pressure event marks the fast-tick threshold (predicted full within %.0f s, or "
+                           "usage ≥ %.0f%%), lower than the raise rule's (predicted full within %.0f s once usage "
+                           "≥ 25%%, or usage ≥ 75%%): the time between them is the storm's progress from one "
+                           "threshold to the other, not the agent's delay" % (
+                               _shipped()["fast_ttf"], _shipped()["fast_usage"] * 100,
+                               benchlib.grow_table_trigger()["ttf"])})
     c = runs("c")
     if c:
-        out.append({"bench": "storm", "target": "reaction ≤ %d ms, threshold-only policy (c)" % REACTION_TARGET_MS,
-                    "met": all(r.get("reaction_ms") is not None and r["reaction_ms"] <= REACTION_TARGET_MS
-                               for r in c),
-                    "figure": "; ".join("%s: %s" % (label(r), _ms(r.get("reaction_ms"), "no raise")) for r in c),
-                    "why": CALM_TICK_WHY})
+        out.append({"bench": "storm", "target": "reaction (kernel trigger → first max write) ≤ %.0f ms, "
+                                                "threshold-only policy (c)" % target,
+                    "met": all(r.get("reaction_ms") is not None and r["reaction_ms"] <= target for r in c),
+                    "figure": "; ".join("%s: %s" % (_label(r), _ms(r.get("reaction_ms"), "no raise")) for r in c),
+                    "why": reaction_why(c)})
     ab = runs("a") + runs("b")
     if ab:
         out.append({"bench": "storm", "target": "(a) no agent and (b) static sizing harm thousands at the same rates",
                     "met": all(r["harmed"] >= 1000 for r in ab),
-                    "figure": "; ".join("(%s) %s: %d" % (r["scenario"], label(r), r["harmed"]) for r in ab),
-                    "why": "the storm was too small to overshoot the table by a thousand flows"})
+                    "figure": "; ".join("(%s) %s: %d" % (r["scenario"], _label(r), r["harmed"]) for r in ab),
+                    "why": "" if all(r["harmed"] >= 1000 for r in ab) else
+                           "the storm was too small to overshoot the table by a thousand flows"})
     return out
 
 
@@ -405,7 +508,8 @@ def explain_misses(rows: List[Dict[str, Any]]) -> List[str]:
         if before:
             text += " (last raised at %.0f ms)" % before[-1]["t_ms"]
         else:
-            text += " before the agent's first raise"
+            text += " before the agent's first raise (trigger held at %s, first pressure event at %s)" % (
+                _ms(r.get("trigger_ms"), "never"), _ms(r.get("pressure_ms"), "none"))
         if after:
             text += "; the next raise came at %.0f ms (to %s)" % (after[0]["t_ms"], after[0]["new"])
         out.append(text + ".")
@@ -452,7 +556,9 @@ def render(rows, args, command: str, plot_path: Optional[Path], plot_rate: float
     flat = [r["achieved"] for r in rows if not r["rate"]]
     ceiling = max(flat) if flat else max((r["achieved"] for r in rows), default=0)
     trig = benchlib.grow_table_trigger()
-    lines = ["# Reconnect storm", ""] + benchlib.provenance(command, mach) + [
+    ship = _shipped()
+    target = reaction_target_ms()
+    lines = ["# Reconnect storm", ""] + benchlib.provenance(command, mach) + [benchlib.bytecode_line()] + [
         "- set-up: %d flows a run, each a UDP request answered by a reply (a new destination address "
         "per flow), %d sender and %d responder processes on one namespace's loopback. "
         "nf_conntrack_max starts at %d (buckets %d) in (a), (c), (d): the storm overshoots it %.0f×. "
@@ -462,6 +568,13 @@ def render(rows, args, command: str, plot_path: Optional[Path], plot_rate: float
             args.total, args.senders, args.responders, args.base_max, args.base_max,
             args.total / args.base_max, static, static // 4, os.cpu_count(), args.total / static,
             benchlib.agent_ceiling()),
+        "- the agents: (d) the shipped policy; (c) the same with the grow-table rule's predictive trigger "
+        "taken out (usage ≥ 75%% or drops only; the same cooldown %.0f ms, factor ×%g and headroom %g s). "
+        "A raise goes to the largest of max × %g and count + fill rate × %g s. Before the storm the agent "
+        "samples on its calm tick, %.0f ms at max %d and an empty table (the time a storm of %d/s needs "
+        "to fill a quarter of the free room); under pressure on its fast tick, %.0f ms." % (
+            ship["cooldown_ms"], ship["factor"], ship["headroom"], ship["factor"], ship["headroom"],
+            benchlib.calm_tick(args.base_max) * 1000, args.base_max, ship["storm_rate"], ship["fast_ms"]),
         ("- generator ceiling on this machine (flat out, replies included, %d vCPUs shared with the "
          "responders and the agent): **%.0f new flows/s** (the best flat-out run; the flat-out runs "
          "reached %s)." % (os.cpu_count(), ceiling, ", ".join("%.0f" % v for v in flat))) if flat else
@@ -481,32 +594,30 @@ def render(rows, args, command: str, plot_path: Optional[Path], plot_rate: float
         "(and evicts another), so `flows harmed` can exceed the flows sent (runs: %s)." % ", ".join(
             "(%s) at %s" % (r["scenario"], _rate(r["rate"])) for r in rows if r["harmed"] > r["sent"])
     ] if any(r["harmed"] > r["sent"] for r in rows) else []) + [
-        "- trigger held at: the first moment the raise rule's trigger held by the kernel's own count "
-        "(monitor polling ctnetlink every ~1 ms): (c) usage ≥ 75%%; (d) usage ≥ %.0f%%, or predicted "
-        "full within %s s once usage ≥ %.0f%% (slope over 50 ms); both: drop/early_drop rising. First "
-        "max write: the agent's first raise_max event (its log `ts`, just after the write). Reaction = "
-        "the difference. Target: one fast tick + 10 ms = %d ms." % (
-            trig["usage"] * 100, "%g" % trig["ttf"], trig["ttf_min_usage"] * 100, REACTION_TARGET_MS),
+        "- reaction, two ways. **Trigger held → first max write** (the bench's measure, judged against "
+        "the target): the first moment the raise rule's trigger held by the kernel's own count (a monitor "
+        "polling ctnetlink every ~1 ms): (c) usage ≥ 75%%; (d) usage ≥ %.0f%%, or predicted full within "
+        "%s s once usage ≥ %.0f%% (slope over 50 ms); both: drop/early_drop rising; to the agent's first "
+        "raise_max event (its log `ts`, just after the write). **From the log alone** (the issue's "
+        "wording, \"from the agent's log timestamps\"): the agent's first `pressure` event to its first "
+        "`raise_max` event. The agent logs no event when the raise rule's own trigger first holds (it "
+        "raises in that tick); `pressure` marks its fast-tick threshold (predicted full within %.0f s, "
+        "usage ≥ %.0f%%, or drops), which a storm crosses earlier, so this second figure includes the "
+        "storm's own progress between the two thresholds. Target: one fast tick + 10 ms = %.0f ms." % (
+            trig["usage"] * 100, "%g" % trig["ttf"], trig["ttf_min_usage"] * 100, ship["fast_ttf"],
+            ship["fast_usage"] * 100, target),
         "- agent CPU (storm): the agent's utime+stime from the storm's start to %.1f s after the last "
-        "send; peak RSS: its VmHWM at the end of the run." % args.settle,
+        "send; peak RSS: its VmHWM at the end of the run. All times are from the storm's first send."
+        % args.settle,
         "",
-    ] + table(rows) + ["", "Against the targets:", ""]
+    ] + table(rows) + ["", "The agent runs:", ""] + agent_table(rows) + ["", "Against the targets:", ""]
     for t in targets(rows):
         lines.append("- %s: %s — %s." % (t["target"], "met" if t["met"] else "**missed**", t["figure"]))
+        if not t["met"] and t.get("why"):
+            lines.append("  Why: %s." % t["why"])
     misses = explain_misses(rows)
     if misses:
-        lines += ["", "Where an agent run harmed flows, the table filled between two raises: grow-table "
-                  "doubles max at most once per cooldown (1 s), so a storm that adds more entries per "
-                  "second than the current max outruns it; the calm tick (250 ms) can also let a fast "
-                  "storm fill a small table before the first sample sees it."] + misses
-    slow = [r for r in rows if r.get("reaction_ms") is not None and r["reaction_ms"] > REACTION_TARGET_MS]
-    if slow:
-        lines += ["", "Reactions above %d ms (%s): the storm starts while the agent is calm, sampling every "
-                  "250 ms; the trigger holds between two samples, and the first sample after it comes up "
-                  "to one calm tick later. The fast tick (50 ms) only starts once a sample has seen "
-                  "pressure. Flat-out runs also share both vCPUs with 4 busy generator processes." % (
-                      REACTION_TARGET_MS, ", ".join("(%s) at %s: %.0f ms" % (r["scenario"], _rate(r["rate"]),
-                                                                         r["reaction_ms"]) for r in slow))]
+        lines += ["", "Where an agent run harmed flows:"] + misses
     if plot_path is not None:
         lines += ["", "![count, max and harmed flows over time, (a) vs (d) at %s](%s)" % (
             _rate(plot_rate), plot_path.name)]
@@ -555,6 +666,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import rig
 
     benchlib.terminate_on_sigterm()
+    benchlib.compile_agent()   # the agent as installed: from compiled bytecode
     rates = parse_rates(args.rates)
     plot_rate = parse_rates(args.plot_rate)[0]
     if plot_rate not in rates:
