@@ -28,6 +28,7 @@ class NamespaceProbe:
         self.name = name
         self.source = "ctnetlink"
         self._counters: Optional[Dict[str, int]] = None
+        self._buckets_value = 0
         self._counters_at = 0.0
         self._sock: Optional[ctnetlink.CtnetlinkSocket] = None
         self._count = self._max = None
@@ -59,8 +60,11 @@ class NamespaceProbe:
         if (counters or self._counters is None or count >= COUNTERS_EVERY_TICK_FROM * maximum
                 or t - self._counters_at >= COUNTERS_REFRESH):
             self._counters = self._sock.cpu_stats() if self._sock is not None else self._stat.read()
+            # Buckets change only when someone resizes the table (the agent at most once
+            # per buckets_cooldown): no need to read them more often than the counters.
+            self._buckets_value = self._buckets.read()
             self._counters_at = t
-        return model.Reading(self.name, t, count, maximum, self._buckets.read(), self._counters)
+        return model.Reading(self.name, t, count, maximum, self._buckets_value, self._counters)
 
     def close(self) -> None:
         for handle in (self._sock, self._count, self._max, self._stat, self._buckets):
