@@ -166,6 +166,17 @@ def combine(readings: Tuple[Reading, ...], views: Tuple[NamespaceView, ...]) -> 
     return Sample(time=latest.time, max=latest.max, buckets=latest.buckets, namespaces=views, deltas=total)
 
 
+def with_max(sample: Sample, maximum: int) -> Sample:
+    """The same readings seen against a new max (just written by the agent), so the
+    status line and the D-Bus properties do not show the old, full table until the
+    next tick."""
+    views = tuple(view._replace(usage=usage_of(view.count, maximum),
+                                time_to_full=None if view.time_to_full is None
+                                else time_to_full(view.count, maximum, view.fill_rate))
+                  for view in sample.namespaces)
+    return Sample(time=sample.time, max=maximum, buckets=sample.buckets, namespaces=views, deltas=sample.deltas)
+
+
 # ----------------------------------------------------------------------------- memory
 
 # Used when /proc/slabinfo cannot be read (it is root-only; the service runs without

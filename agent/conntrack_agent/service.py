@@ -25,6 +25,8 @@ from .state import StateFile
 # While nothing can be read (nf_conntrack not loaded, namespace missing), look again
 # this often: loading the module is an operator's act, not an emergency.
 REPROBE_INTERVAL = 5.0
+# Pressure counts as over once it has been gone this long (seconds).
+PRESSURE_HOLD = 5.0
 # Seconds between STATUS= updates to systemd when nothing was done.
 STATUS_INTERVAL = 1.0
 # After a tick raised (a kernel answer the agent did not expect), try again this soon.
@@ -49,6 +51,7 @@ class Agent:
         self.decision_listeners: List[Callable[[policy.Decision], None]] = []
         self._next_probe = 0.0
         self._under_pressure = False
+        self._calm_since: Optional[float] = None
         self._status_sent_at: Optional[float] = None
 
     # ------------------------------------------------------------------ set-up
@@ -140,8 +143,11 @@ class Agent:
                 sample = fresh
                 decisions, core = policy.decide(sample, self.policy, self.core, self.env)
         self.core = core
-        interval = policy.next_interval(sample, self.policy, self.core)
         self._note_pressure(sample, busy=policy.under_pressure(sample, self.policy))
+        # Under pressure (including its hold time) the fast tick runs: a bursty storm
+        # has quiet gaps between bursts that must not send the agent back to sleep.
+        interval = (self.policy.agent.fast_interval if self._under_pressure
+                    else policy.next_interval(sample, self.policy, self.core))
         for decision in decisions:
             outcome = self.executor.execute(decision, sample, self.policy)
             self.core = policy.after_outcome(self.core, decision, outcome.applied, outcome.lost_capability)
@@ -149,6 +155,8 @@ class Agent:
                 change = self.state.get(GLOBAL, "nf_conntrack_max")
                 if change is not None:
                     self.env = replace(self.env, originals={"nf_conntrack_max": change.original})
+            if decision.kind in ("raise_max", "restore_max") and outcome.applied and decision.new:
+                sample = model.with_max(sample, decision.new)
             self.last_decision = decision
             if decision.is_action:
                 self.last_action_at = time.time()
@@ -168,7 +176,17 @@ class Agent:
         return True
 
     def _note_pressure(self, sample: model.Sample, busy: bool) -> None:
-        if busy == self._under_pressure:
+        """One `pressure` event when pressure starts, one `pressure_eased` once it has
+        been gone for PRESSURE_HOLD: a bursty storm is one episode, not a log line per burst."""
+        if busy:
+            self._calm_since = None
+            if self._under_pressure:
+                return
+        elif not self._under_pressure:
+            return
+        elif self._calm_since is None or sample.time - self._calm_since < PRESSURE_HOLD:
+            if self._calm_since is None:
+                self._calm_since = sample.time
             return
         self._under_pressure = busy
         fields = sample_fields(sample)

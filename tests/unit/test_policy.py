@@ -443,3 +443,14 @@ def test_headroom_never_passes_the_ceiling():
     table.sample(0.0, 1000)
     (decision,) = [d for d in decide(table.sample(0.25, 26_000), pol, State(), ENV)[0] if d.kind == "raise_max"]
     assert decision.new == 50_000 and "limits.max_ceiling" in decision.reason
+
+
+def test_a_sample_seen_against_a_raised_max():
+    table = Table(10_000)
+    table.sample(0.0, 5_000)
+    sample = table.sample(0.5, 9_000)            # filling at ~8000/s (EWMA), nearly full
+    raised = model.with_max(sample, 40_000)
+    assert raised.max == 40_000 and raised.count == 9_000
+    assert raised.usage == pytest.approx(0.225)
+    assert raised.time_to_full == pytest.approx(31_000 / sample.fill_rate)
+    assert raised.deltas is sample.deltas
