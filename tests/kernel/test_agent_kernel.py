@@ -41,6 +41,15 @@ class ListLogger:
         return [e["event"] for e in self.events]
 
 
+def policy_at(tmp_path: Path, rules: str = "", namespaces=(), agent: str = "") -> Path:
+    """A policy file for one test: its own state file, the given namespaces, extra
+    [agent] keys and rules (TOML text) on top of the built-in defaults."""
+    path = tmp_path / "policy.toml"
+    listed = ", ".join('"%s"' % n for n in namespaces)
+    path.write_text(f'[agent]\nstate_file = "{tmp_path}/state.json"\nnamespaces = [{listed}]\n{agent}\n{rules}')
+    return path
+
+
 def ns_sysctl(ns: rig.Namespace, name: str) -> int:
     return int(ns.run(["cat", procfs.sysctl_path(name)]).stdout)
 
@@ -176,8 +185,7 @@ def test_restore_leaves_a_value_another_writer_changed(ns, tmp_path):
 
 
 def test_max_and_buckets_raised_then_restored_by_the_cli(tmp_path):
-    policy_file = tmp_path / "policy.toml"
-    policy_file.write_text(f'[agent]\nstate_file = "{tmp_path}/state.json"\n')
+    policy_file = policy_at(tmp_path)
     with rig.saved_global_sysctls() as saved:
         executor, log, state = executor_for(tmp_path)
         policy = config.load(policy_file)
@@ -333,12 +341,8 @@ def test_default_policy_raises_max_before_drops_in_a_flooded_namespace(ns, tmp_p
 
 def test_unwritable_max_degrades_to_what_still_works(ns, tmp_path):
     """Inside a non-initial namespace the global max is read-only; timeouts still work."""
-    policy_file = tmp_path / "policy.toml"
     rig.flood_udp(ns, 100)          # usage above zero, so the triggers below hold
-    policy_file.write_text(f"""
-[agent]
-state_file = "{tmp_path}/state.json"
-interval = "50ms"
+    policy_file = policy_at(tmp_path, agent='interval = "50ms"', rules="""
 [[rule]]
 name = "grow-table"
 cooldown = "0s"
@@ -368,8 +372,7 @@ restore_below = 0.00001
 
 def test_a_namespace_that_appears_later_is_picked_up(tmp_path):
     name = f"ctatest-{os.getpid()}-later"
-    policy_file = tmp_path / "policy.toml"
-    policy_file.write_text(f'[agent]\nstate_file = "{tmp_path}/state.json"\nnamespaces = ["{name}"]\n')
+    policy_file = policy_at(tmp_path, namespaces=[name])
     agent = AgentProcess(policy_file)
     try:
         missing = agent.wait_for(lambda e: e.get("event") == "conntrack_unavailable")
@@ -387,11 +390,7 @@ def test_a_namespace_that_appears_later_is_picked_up(tmp_path):
 
 
 def test_another_writer_lowering_max_is_logged_and_left_alone(tmp_path, ns):
-    policy_file = tmp_path / "policy.toml"
-    policy_file.write_text(f"""
-[agent]
-state_file = "{tmp_path}/state.json"
-namespaces = ["{ns.name}"]
+    policy_file = policy_at(tmp_path, namespaces=[ns.name], rules="""
 [[rule]]
 name = "grow-table"
 cooldown = "1h"
@@ -423,11 +422,7 @@ def test_an_evict_rule_removes_stale_entries_and_spares_live_ones(ns, tmp_path):
     rig.flood_udp(ns, 3000)
     assert session.ping()
     before = rig.conntrack_count(ns)
-    policy_file = tmp_path / "policy.toml"
-    policy_file.write_text(f"""
-[agent]
-state_file = "{tmp_path}/state.json"
-namespaces = ["{ns.name}"]
+    policy_file = policy_at(tmp_path, namespaces=[ns.name], rules="""
 [[rule]]
 name = "grow-table"
 enabled = false
