@@ -34,6 +34,21 @@ See conntrack-agent(8) and conntrack-agent.toml(5).
 """
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's formatter with the width found without shutil: argparse imports
+    shutil (and with it bz2, lzma and zlib, ~0.5 MB of the daemon's RSS) only to
+    ask for the terminal width, on every parser it builds."""
+
+    def __init__(self, prog: str, **kwargs: Any) -> None:
+        if kwargs.get("width") is None:
+            try:
+                columns = int(os.environ.get("COLUMNS", "")) or os.get_terminal_size(sys.stdout.fileno()).columns
+            except (ValueError, OSError):
+                columns = 80
+            kwargs["width"] = max(columns - 2, 40)
+        super().__init__(prog, **kwargs)
+
+
 def _config_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", metavar="PATH",
                         help="policy file (default: /etc/conntrack-agent/policy.toml, see below)")
@@ -41,13 +56,13 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conntrack-agent", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=_Formatter)
     parser.add_argument("--version", action="version", version=f"conntrack-agent {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the agent in the foreground (what the service runs)",
                          description="Run the agent in the foreground: sample every tick, decide, act, log.",
-                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                         epilog=EPILOG, formatter_class=_Formatter)
     _config_arg(run)
     run.add_argument("--dry-run", action="store_true", help="decide and log what it would do, change nothing")
     run.add_argument("--once", action="store_true", help="take one tick and exit")
@@ -55,25 +70,33 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override the policy's agent.log_format")
     run.add_argument("--no-dbus", action="store_true", help="do not offer the D-Bus API")
 
-    check = sub.add_parser("check", help="validate the policy and print the effective rules",
-                           description="Validate the policy files; exit 0 when valid, 1 with every error otherwise.")
+    check = sub.add_parser(
+        "check", formatter_class=_Formatter,
+        help="validate the policy and print the effective rules",
+        description="Validate the policy files; exit 0 when valid, 1 with every error otherwise.")
     _config_arg(check)
 
-    plan = sub.add_parser("plan", help="evaluate the policy once against the live table; change nothing",
-                          description="Sample the live table twice (to measure the fill rate), evaluate the "
-                                      "policy and print what the agent would do and why. Changes nothing.")
+    plan = sub.add_parser(
+        "plan", formatter_class=_Formatter,
+        help="evaluate the policy once against the live table; change nothing",
+        description="Sample the live table twice (to measure the fill rate), evaluate the "
+                    "policy and print what the agent would do and why. Changes nothing.")
     _config_arg(plan)
     plan.add_argument("--json", action="store_true", help="machine-readable output")
 
-    status = sub.add_parser("status", help="count, max, usage, buckets, fill rate, time-to-full, drops",
-                            description="Ask the running agent over D-Bus; without one, read the kernel directly.")
+    status = sub.add_parser(
+        "status", formatter_class=_Formatter,
+        help="count, max, usage, buckets, fill rate, time-to-full, drops",
+        description="Ask the running agent over D-Bus; without one, read the kernel directly.")
     _config_arg(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--kernel", action="store_true", help="read the kernel even when the agent runs")
 
-    restore = sub.add_parser("restore", help="put back the sysctl values the agent changed",
-                             description="Write back the original values recorded in the state file and "
-                                         "forget them. Values another writer changed since are left alone.")
+    restore = sub.add_parser(
+        "restore", formatter_class=_Formatter,
+        help="put back the sysctl values the agent changed",
+        description="Write back the original values recorded in the state file and "
+                    "forget them. Values another writer changed since are left alone.")
     _config_arg(restore)
     restore.add_argument("--force", action="store_true",
                          help="restore max even when the table holds more entries than the original allows, "
@@ -85,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "with --dry-run (counts by protocol and state, top talkers), or for real. Selectors "
                     "start from --rule's [rule.evict] table when given. Assured ESTABLISHED TCP entries "
                     "are never selected without --include-established.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=_Formatter)
     _config_arg(evict)
     evict.add_argument("--dry-run", action="store_true", help="count what would be removed; change nothing")
     evict.add_argument("--rule", metavar="NAME", help="start from this policy rule's selectors")
