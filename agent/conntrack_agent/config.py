@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import ctnetlink, tomlfile
 from .evict import EvictSpec
+from .model import DEFAULT_OVERHEAD_BYTES
 
 # Paths are strings: pathlib pulls in urllib.parse and ipaddress (~2 MB of RSS).
 ETC_DIR = "/etc/conntrack-agent"
@@ -242,7 +243,7 @@ class AgentSettings:
 class Limits:
     memory_share: float = 0.05
     entry_bytes: int = 0
-    entry_overhead_bytes: int = 128
+    entry_overhead_bytes: int = DEFAULT_OVERHEAD_BYTES
     max_ceiling: int = 4_194_304
 
 

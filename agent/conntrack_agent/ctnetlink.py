@@ -1050,15 +1050,8 @@ class Dump:
                  status: Optional[int] = None, status_mask: int = 0,
                  tuple_filter: Optional[TupleFilter] = None) -> None:
         self._ct = ct
-        self._draining = False
         self.done = False
-        self.messages = 0
-        self.duplicates = 0
         self._request = (family, mark, mark_mask, status, status_mask, tuple_filter)
-
-    def drain(self) -> None:
-        """Stop decoding; remaining messages are read and thrown away."""
-        self._draining = True
 
     def __iter__(self) -> Iterator[CtEntry]:
         return self._run()
@@ -1086,19 +1079,14 @@ class Dump:
                         break
                     if mseq == seq:
                         if mtype == _MSG_CT_NEW:
-                            self.messages += 1
-                            if not self._draining:
-                                e = parse(buf, off, mlen)
-                                if e is not None:
-                                    eid = e.id
-                                    # A delete of the entry the kernel parked
-                                    # its cursor on makes it re-walk that
-                                    # bucket: skip the repeats.
-                                    if eid in prev_ids or eid in cur_ids:
-                                        self.duplicates += 1
-                                    else:
-                                        cur_ids.add(eid)
-                                        yield e
+                            e = parse(buf, off, mlen)
+                            if e is not None:
+                                eid = e.id
+                                # A delete of the entry the kernel parked its cursor
+                                # on makes it re-walk that bucket: skip the repeats.
+                                if eid not in prev_ids and eid not in cur_ids:
+                                    cur_ids.add(eid)
+                                    yield e
                         elif mtype == NLMSG_DONE:
                             self.done = True
                             return
@@ -1114,7 +1102,6 @@ class Dump:
                 prev_ids = cur_ids
         finally:
             if not self.done:
-                self._draining = True
                 self._finish(seq)
             ct._dump_active = False
 
@@ -1137,7 +1124,6 @@ class Dump:
                     if mtype == NLMSG_DONE:
                         self.done = True
                         return
-                    self.messages += 1
                 off += (mlen + 3) & ~3
 
 

@@ -14,10 +14,6 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Dict, NamedTuple, Optional, Tuple
 
-COUNTERS = ("found", "invalid", "insert", "insert_failed", "drop", "early_drop", "error",
-            "search_restart", "clash_resolve", "chaintoolong")
-
-
 # Readings and views are NamedTuples, not dataclasses: immutable all the same, and
 # built several times faster; they are made on every tick, in the sampling hot path.
 class Reading(NamedTuple):

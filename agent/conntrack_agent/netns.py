@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator, List
+from typing import Iterator
 
 NETNS_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
@@ -37,12 +37,6 @@ def _setns(fd: int) -> None:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
-
-def listed() -> List[str]:
-    try:
-        return sorted(os.listdir(NETNS_DIR))
-    except FileNotFoundError:
-        return []
 
 
 @contextlib.contextmanager
