@@ -27,6 +27,7 @@ class NamespaceProbe:
     def __init__(self, name: str):
         self.name = name
         self.source = "ctnetlink"
+        self.fallback_reason: Optional[str] = None   # why /proc stands in for ctnetlink
         self._counters: Optional[Dict[str, int]] = None
         self._buckets_value = 0
         self._counters_at = 0.0

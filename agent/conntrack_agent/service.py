@@ -96,7 +96,8 @@ class Agent:
             probe = self.sampler.probes[name]
             reading = probe.read(self.clock)
             logsetup.emit(self.log, "conntrack_available", netns=name, netns_label=netns_label(name),
-                          count=reading.count, max=reading.max, buckets=reading.buckets, source=probe.source)
+                          count=reading.count, max=reading.max, buckets=reading.buckets, source=probe.source,
+                          fallback_reason=probe.fallback_reason)
         self._next_probe = self.clock() + REPROBE_INTERVAL
 
     def _recover_ownership(self) -> None:

@@ -84,6 +84,7 @@ def test_procfs_fallback_reads_the_same(ns, monkeypatch):
     s = sampler.Sampler((ns.name,), window=0.5)
     s.open_missing()
     assert s.probes[ns.name].source == "procfs"
+    assert "Protocol not supported" in s.probes[ns.name].fallback_reason
     sample = s.sample()
     counters = s.probes[ns.name].read(time.monotonic, counters=True).counters
     s.close()
