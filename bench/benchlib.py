@@ -237,12 +237,12 @@ def shipped_agent_settings():
 
 def calm_tick(maximum: int, count: int = 0) -> float:
     """The shipped policy's calm tick (seconds) for a table of ``count`` of ``maximum``:
-    the time a storm of agent.storm_rate needs to fill policy.STORM_ROOM_SHARE of the free
-    room, clamped to [fast_interval, interval] (policy.next_interval without pressure)."""
-    from conntrack_agent import policy
+    the time a storm of agent.storm_rate needs to fill decisions.STORM_ROOM_SHARE of the free
+    room, clamped to [fast_interval, interval] (decisions.next_interval without pressure)."""
+    from conntrack_agent import decisions
 
     agent = shipped_agent_settings()
-    calm = max(0, maximum - count) * policy.STORM_ROOM_SHARE / agent.storm_rate
+    calm = max(0, maximum - count) * decisions.STORM_ROOM_SHARE / agent.storm_rate
     return min(agent.interval, max(agent.fast_interval, calm))
 
 

@@ -62,7 +62,7 @@ MODES = [
 
 # What `conntrack-agent run` imports, in groups, for the ladder.
 AGENT_CORE = ("conntrack_agent.cli,conntrack_agent.config,conntrack_agent.service,conntrack_agent.sampler,"
-              "conntrack_agent.executor,conntrack_agent.policy,conntrack_agent.mainloop,"
+              "conntrack_agent.executor,conntrack_agent.decisions,conntrack_agent.mainloop,"
               "conntrack_agent.sdnotify,conntrack_agent.journald")
 AGENT_DBUS = "conntrack_agent.dbus_service"
 # `conntrack-agent run` (cli.cmd_run) marks ssl absent before anything imports
@@ -219,8 +219,8 @@ ticks(n)
 prof.disable()
 stats = pstats.Stats(prof).stats
 want = [("service.py", "tick"), ("sampler.py", "sample"), ("ctnetlink.py", "stats"),
-        ("ctnetlink.py", "cpu_stats"), ("model.py", "update"), ("policy.py", "decide"),
-        ("policy.py", "next_interval"), ("service.py", "_note_pressure"), ("service.py", "status_due"),
+        ("ctnetlink.py", "cpu_stats"), ("model.py", "update"), ("decisions.py", "decide"),
+        ("decisions.py", "next_interval"), ("service.py", "_note_pressure"), ("service.py", "status_due"),
         ("service.py", "status_line")]
 rows = {}
 for (path, _line, func), (_cc, calls, _tt, cum, _callers) in stats.items():
@@ -470,8 +470,8 @@ PROFILE_LABELS = [
     ("ctnetlink.stats", "&nbsp;&nbsp;└ GET_STATS (count, max)"),
     ("ctnetlink.cpu_stats", "&nbsp;&nbsp;└ GET_STATS_CPU (drop counters; at most once a second below half full)"),
     ("model.update", "&nbsp;&nbsp;└ `FillTracker.update`"),
-    ("policy.decide", "`policy.decide()`: every rule's trigger"),
-    ("policy.next_interval", "`policy.next_interval()`"),
+    ("decisions.decide", "`decisions.decide()`: every rule's trigger"),
+    ("decisions.next_interval", "`decisions.next_interval()`"),
     ("service._note_pressure", "`Agent._note_pressure()`"),
     ("service.status_line", "`Agent.status_line()` (STATUS=, at most once a second)"),
 ]
@@ -490,9 +490,9 @@ def profile_lines(profile: Dict[str, Any]) -> List[str]:
     for key, label in PROFILE_LABELS:
         if key in fns:
             lines.append("| %s | %.2f | %.0f%% |" % (label, fns[key]["calls_per_tick"], fns[key]["share"] * 100))
-    decide = fns.get("policy.decide")
+    decide = fns.get("decisions.decide")
     if decide and decide["calls_per_tick"] >= 1.5:
-        lines += ["", "`policy.decide()` runs %.1f times per quiet tick: a quiet tick pays for every rule's "
+        lines += ["", "`decisions.decide()` runs %.1f times per quiet tick: a quiet tick pays for every rule's "
                   "trigger more than once." % decide["calls_per_tick"]]
     return lines
 

@@ -257,8 +257,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if agent.last_sample is None:
         print(f"conntrack-agent: {agent.status_line()}", file=sys.stderr)
         return EXIT_FAIL
-    from . import policy as core
-    decisions, _ = core.decide(agent.last_sample, agent.policy, agent.core, agent.env)
+    from . import decisions
+    decisions, _ = decisions.decide(agent.last_sample, agent.policy, agent.core, agent.env)
     if args.json:
         print(json.dumps({"status": agent.snapshot(), "decisions": [d.__dict__ for d in decisions]}, default=str))
         return EXIT_OK
@@ -333,14 +333,14 @@ def _fullest_count(namespaces: Tuple[str, ...]) -> Tuple[int, str]:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     from . import netns, procfs
-    from .state import StateError, StateFile
+    from .journal import ChangeJournal, JournalError
 
     policy = _load_or_report(args, "; restore takes the state file's path from it")
     if policy is None:
         return EXIT_CONFIG
     try:
-        state = StateFile(policy.agent.state_file).load()
-    except StateError as exc:
+        state = ChangeJournal(policy.agent.state_file).load()
+    except JournalError as exc:
         print(f"conntrack-agent: {exc}", file=sys.stderr)
         return EXIT_FAIL
     if not state.entries():

@@ -15,8 +15,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 from . import logsetup, netns, procfs
 from .config import Policy, format_duration
 from .model import Sample
-from .policy import Decision
-from .state import StateFile
+from .decisions import Decision
+from .journal import ChangeJournal
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ GLOBAL = ""  # nf_conntrack_max and buckets are global: recorded under the initi
 
 
 class Executor:
-    def __init__(self, log: Any, state: StateFile, namespaces: Tuple[str, ...],
+    def __init__(self, log: Any, state: ChangeJournal, namespaces: Tuple[str, ...],
                  evict_runner: Optional[Callable[..., Any]] = None):
         self.log = log
         self.state = state

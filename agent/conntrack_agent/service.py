@@ -17,10 +17,10 @@ import time
 from dataclasses import replace
 from typing import Any, Callable, Dict, List, Optional
 
-from . import __version__, config, logsetup, model, netns, policy, procfs
+from . import __version__, config, decisions, logsetup, model, netns, procfs
 from .executor import GLOBAL, Executor, netns_label, sample_fields
 from .sampler import Sampler
-from .state import StateFile
+from .journal import ChangeJournal
 
 # While nothing can be read (nf_conntrack not loaded, namespace missing), look again
 # this often: loading the module is an operator's act, not an emergency.
@@ -43,12 +43,12 @@ class Agent:
         self.log = log
         self.clock = clock
         self.policy = self._with_dry_run(initial) if initial is not None else self._read_policy()
-        self.core = policy.State()
+        self.core = decisions.Memory()
         self.sampler: Optional[Sampler] = None
         self.last_sample: Optional[model.Sample] = None
-        self.last_decision: Optional[policy.Decision] = None
+        self.last_decision: Optional[decisions.Decision] = None
         self.last_action_at: Optional[float] = None   # wall clock, for the status line
-        self.decision_listeners: List[Callable[[policy.Decision], None]] = []
+        self.decision_listeners: List[Callable[[decisions.Decision], None]] = []
         self._next_probe = 0.0
         self._under_pressure = False
         self._calm_since: Optional[float] = None
@@ -69,9 +69,9 @@ class Agent:
         return ", ".join(self.policy.sources) or "built-in defaults"
 
     def start(self) -> Optional[model.Sample]:
-        self.state = StateFile(self.policy.agent.state_file).load()
+        self.state = ChangeJournal(self.policy.agent.state_file).load()
         entry_bytes = procfs.slab_object_size() or model.DEFAULT_ENTRY_BYTES
-        self.env = policy.Environment(mem_total=procfs.mem_total(), entry_bytes=entry_bytes)
+        self.env = decisions.Environment(mem_total=procfs.mem_total(), entry_bytes=entry_bytes)
         self._open_sampler()
         self.executor = Executor(self.log, self.state, self.policy.agent.namespaces, _evict_runner(self))
         logsetup.emit(self.log, "agent_started", self.policy.agent.dry_run, version=__version__,
@@ -135,23 +135,23 @@ class Agent:
         if sample is None:
             self.last_sample = None
             return REPROBE_INTERVAL
-        decisions, core = policy.decide(sample, self.policy, self.core, self.env)
+        decisions, core = decisions.decide(sample, self.policy, self.core, self.env)
         if any(d.is_action for d in decisions):
             # Act on a fresh reading, not one a few hundred microseconds old: decide again
             # from the state before the first look (the first decision is discarded).
             fresh = self.sampler.sample(counters=True)
             if fresh is not None:
                 sample = fresh
-                decisions, core = policy.decide(sample, self.policy, self.core, self.env)
+                decisions, core = decisions.decide(sample, self.policy, self.core, self.env)
         self.core = core
-        self._note_pressure(sample, busy=policy.under_pressure(sample, self.policy))
+        self._note_pressure(sample, busy=decisions.under_pressure(sample, self.policy))
         # Under pressure (including its hold time) the fast tick runs: a bursty storm
         # has quiet gaps between bursts that must not send the agent back to sleep.
         interval = (self.policy.agent.fast_interval if self._under_pressure
-                    else policy.next_interval(sample, self.policy, self.core))
+                    else decisions.next_interval(sample, self.policy, self.core))
         for decision in decisions:
             outcome = self.executor.execute(decision, sample, self.policy)
-            self.core = policy.after_outcome(self.core, decision, outcome.applied, outcome.lost_capability)
+            self.core = decisions.after_outcome(self.core, decision, outcome.applied, outcome.lost_capability)
             if decision.kind == "raise_max" and outcome.applied:
                 change = self.state.get(GLOBAL, "nf_conntrack_max")
                 if change is not None:
@@ -221,12 +221,12 @@ class Agent:
                       rules="; ".join(config.describe(self.policy)))
         return True
 
-    def evaluate(self) -> List[policy.Decision]:
+    def evaluate(self) -> List[decisions.Decision]:
         """What the agent would do on its latest sample, without acting or advancing its
         state (a sample of its own would consume counter deltas the next tick needs)."""
         if self.last_sample is None:
             return []
-        decisions, _ = policy.decide(self.last_sample, self.policy, self.core, self.env)
+        decisions, _ = decisions.decide(self.last_sample, self.policy, self.core, self.env)
         return decisions
 
     def current_usage(self) -> float:

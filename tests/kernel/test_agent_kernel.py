@@ -19,8 +19,8 @@ import pytest
 
 from conntrack_agent import config, procfs, sampler
 from conntrack_agent.executor import Executor
-from conntrack_agent.policy import Decision
-from conntrack_agent.state import StateFile
+from conntrack_agent.decisions import Decision
+from conntrack_agent.journal import ChangeJournal
 
 import rig
 
@@ -138,7 +138,7 @@ def test_drop_and_early_drop_deltas_when_a_namespace_overfills():
 
 def executor_for(tmp_path, namespaces=()):
     log = ListLogger()
-    state = StateFile(str(tmp_path / "state.json")).load()
+    state = ChangeJournal(str(tmp_path / "state.json")).load()
     return Executor(log, state, tuple(namespaces)), log, state
 
 
@@ -201,7 +201,7 @@ def test_max_and_buckets_raised_then_restored_by_the_cli(tmp_path):
         raised = next(e for e in log.events if e["event"] == "raise_max")
         assert (raised["old"], raised["new"], raised["rule"]) == (old_max, old_max + 4096, "grow-table")
         # A second agent life must keep the true original, not the raised value.
-        again = StateFile(str(tmp_path / "state.json")).load()
+        again = ChangeJournal(str(tmp_path / "state.json")).load()
         again.path = str(tmp_path / "second-life.json")
         again.record("", "nf_conntrack_max", original=old_max + 4096, applied=old_max + 8192, rule="x")
         assert again.get("", "nf_conntrack_max").original == old_max

@@ -18,7 +18,7 @@ pytest.importorskip("gi")
 pytest.importorskip("pydbus")
 
 from conntrack_agent import dbus_service  # noqa: E402
-from conntrack_agent.policy import Decision  # noqa: E402
+from conntrack_agent.decisions import Decision  # noqa: E402
 
 AGENT_DIR = str(Path(__file__).resolve().parents[2] / "agent")
 
@@ -126,7 +126,7 @@ import sys
 from types import SimpleNamespace
 from gi.repository import GLib
 from conntrack_agent import dbus_service
-from conntrack_agent.policy import Decision
+from conntrack_agent.decisions import Decision
 
 class Agent:
     decision_listeners = []

@@ -56,7 +56,7 @@ class Decision:
 
 
 @dataclass(frozen=True)
-class RuleState:
+class RuleMemory:
     last_fired: Optional[float] = None
     held_since: Optional[float] = None    # usage condition true continuously since
     held_samples: int = 0
@@ -65,17 +65,17 @@ class RuleState:
 
 
 @dataclass(frozen=True)
-class State:
-    rules: Dict[str, RuleState] = field(default_factory=dict)
+class Memory:
+    rules: Dict[str, RuleMemory] = field(default_factory=dict)
     owned_max: Optional[int] = None       # the max the agent last wrote
     buckets_changed: Optional[float] = None
     at_ceiling: bool = False              # notice given for this pressure episode
     lost: FrozenSet[str] = frozenset()    # capabilities found unavailable: "max", "buckets", "timeouts", "evict"
 
-    def rule(self, name: str) -> RuleState:
-        return self.rules.get(name, RuleState())
+    def rule(self, name: str) -> RuleMemory:
+        return self.rules.get(name, RuleMemory())
 
-    def with_rule(self, name: str, rule_state: RuleState) -> "State":
+    def with_rule(self, name: str, rule_state: RuleMemory) -> "Memory":
         rules = dict(self.rules)
         rules[name] = rule_state
         return replace(self, rules=rules)
@@ -97,7 +97,7 @@ CAPABILITY_OF = {"raise_max": "max", "restore_max": "max", "resize_buckets": "bu
 # ----------------------------------------------------------------------------- triggers
 
 
-def _evaluate_trigger(rule: Rule, sample: Sample, rule_state: RuleState) -> Tuple[List[str], str, RuleState]:
+def _evaluate_trigger(rule: Rule, sample: Sample, rule_state: RuleMemory) -> Tuple[List[str], str, RuleMemory]:
     """Returns (reasons, netns named by the first reason, updated rule state)."""
     trigger = rule.trigger
     results: List[Optional[str]] = []
@@ -172,8 +172,8 @@ def ceiling(policy: Policy, rule: Rule, env: Environment) -> Tuple[int, str]:
     return limits.max_ceiling, "limits.max_ceiling"
 
 
-def _raise_max(rule: Rule, policy: Policy, sample: Sample, env: Environment, state: State,
-               reason: str, netns: str, dry_run: bool) -> Tuple[Optional[Decision], State]:
+def _raise_max(rule: Rule, policy: Policy, sample: Sample, env: Environment, state: Memory,
+               reason: str, netns: str, dry_run: bool) -> Tuple[Optional[Decision], Memory]:
     spec = rule.raise_max
     current = sample.max
     target = max(math.ceil(current * spec.factor), current + spec.step)
@@ -197,7 +197,7 @@ def _raise_max(rule: Rule, policy: Policy, sample: Sample, env: Environment, sta
     return Decision("raise_max", rule.name, why, netns, dry_run, current, new), state
 
 
-def _buckets(rule: Rule, sample: Sample, state: State, dry_run: bool) -> Optional[Decision]:
+def _buckets(rule: Rule, sample: Sample, state: Memory, dry_run: bool) -> Optional[Decision]:
     """Buckets follow the max the agent set, never shrink, and change rarely: a
     resize rehashes the whole table under the global lock."""
     if state.owned_max is None or "buckets" in state.lost:
@@ -216,7 +216,7 @@ def _buckets(rule: Rule, sample: Sample, state: State, dry_run: bool) -> Optiona
 # ----------------------------------------------------------------------------- decide
 
 
-def decide(sample: Sample, policy: Policy, state: State, env: Environment) -> Tuple[List[Decision], State]:
+def decide(sample: Sample, policy: Policy, state: Memory, env: Environment) -> Tuple[List[Decision], Memory]:
     decisions: List[Decision] = []
     actions = 0
     budget = policy.agent.max_actions_per_tick
@@ -285,8 +285,8 @@ def decide(sample: Sample, policy: Policy, state: State, env: Environment) -> Tu
     return decisions, state
 
 
-def _maybe_restore(rule: Rule, sample: Sample, rule_state: RuleState, env: Environment, dry_run: bool,
-                   room: bool) -> Tuple[Optional[Decision], RuleState]:
+def _maybe_restore(rule: Rule, sample: Sample, rule_state: RuleMemory, env: Environment, dry_run: bool,
+                   room: bool) -> Tuple[Optional[Decision], RuleMemory]:
     if rule.action == "set_timeouts":
         after, below = rule.set_timeouts.restore_after, rule.set_timeouts.restore_below
     elif rule.action == "raise_max" and not rule.raise_max.raise_only:
@@ -318,7 +318,7 @@ def _maybe_restore(rule: Rule, sample: Sample, rule_state: RuleState, env: Envir
 # ----------------------------------------------------------------------------- outcomes
 
 
-def after_outcome(state: State, decision: Decision, applied: bool, lost_capability: bool) -> State:
+def after_outcome(state: Memory, decision: Decision, applied: bool, lost_capability: bool) -> Memory:
     """Fold what the executor did back into the state."""
     if lost_capability:
         state = replace(state, lost=state.lost | {CAPABILITY_OF.get(decision.kind, decision.kind)})
@@ -346,7 +346,7 @@ def under_pressure(sample: Sample, policy: Policy) -> bool:
             or any(sample.deltas.get(c, 0) for c in ("drop", "early_drop")))
 
 
-def next_interval(sample: Optional[Sample], policy: Policy, state: State) -> float:
+def next_interval(sample: Optional[Sample], policy: Policy, state: Memory) -> float:
     """The fast tick while the table is busy, filling fast or dropping. Otherwise a
     calm tick sized to the free room: a node with room for seconds of storm wakes
     rarely (the idle cost is per wake-up), a nearly full or small table is watched

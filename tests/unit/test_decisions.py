@@ -8,9 +8,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import pytest
 
-from conntrack_agent import config, model, policy
+from conntrack_agent import config, model
+from conntrack_agent import decisions as core
 from conntrack_agent.config import Policy, Rule, Trigger
-from conntrack_agent.policy import Decision, Environment, State, decide
+from conntrack_agent.decisions import Decision, Environment, Memory, decide
 
 GiB = 1 << 30
 ENV = Environment(mem_total=16 * GiB, entry_bytes=256)
@@ -33,17 +34,17 @@ class Table:
         return model.combine((reading,), (self.tracker.update(reading),))
 
 
-def run(pol: Policy, samples: Sequence[model.Sample], state: Optional[State] = None, env: Environment = ENV,
-        apply: Optional[Table] = None) -> Tuple[List[Tuple[float, Decision]], State]:
+def run(pol: Policy, samples: Sequence[model.Sample], state: Optional[Memory] = None, env: Environment = ENV,
+        apply: Optional[Table] = None) -> Tuple[List[Tuple[float, Decision]], Memory]:
     """Decide on each sample; with `apply`, actions change the fake table like the executor would."""
-    state = state or State()
+    state = state or Memory()
     out = []
     for sample in samples:
         decisions, state = decide(sample, pol, state, env)
         for d in decisions:
             out.append((sample.time, d))
             applied = apply is not None and d.is_action and not d.dry_run
-            state = policy.after_outcome(state, d, applied=applied, lost_capability=False)
+            state = core.after_outcome(state, d, applied=applied, lost_capability=False)
             if apply is not None and d.kind in ("raise_max", "restore_max") and not d.dry_run:
                 apply.max = d.new
             if apply is not None and d.kind == "resize_buckets" and not d.dry_run:
@@ -78,13 +79,13 @@ def test_predictive_trigger_fires_before_the_threshold_in_a_storm():
     fired = None
     for t, count in ramp(table, 0.5, 1.0, 2.0, 0.05, t0=0.5):
         sample = table.sample(t, count)
-        decisions, _ = decide(sample, DEFAULT, State(), ENV)
+        decisions, _ = decide(sample, DEFAULT, Memory(), ENV)
         if any(d.kind == "raise_max" for d in decisions):
             fired = sample
             break
     assert fired is not None
     assert fired.usage < 0.75, f"fired only at {fired.usage:.1%}"
-    decision = next(d for d in decide(fired, DEFAULT, State(), ENV)[0] if d.kind == "raise_max")
+    decision = next(d for d in decide(fired, DEFAULT, Memory(), ENV)[0] if d.kind == "raise_max")
     assert "predicted full" in decision.reason and decision.rule == "grow-table"
 
 
@@ -93,7 +94,7 @@ def test_threshold_only_policy_waits_for_the_threshold():
     pol = only(GROW_THRESHOLD)
     first = None
     for t, count in ramp(table, 0.5, 1.0, 2.0, 0.05):
-        decisions, _ = decide(table.sample(t, count), pol, State(), ENV)
+        decisions, _ = decide(table.sample(t, count), pol, Memory(), ENV)
         if decisions:
             first = count / table.max
             break
@@ -104,7 +105,7 @@ def test_storm_with_growth_never_reaches_full():
     """Applying the raises as the executor would: the table never fills."""
     table = Table(100_000)
     peak = 0.0
-    state = State()
+    state = Memory()
     count = 50_000.0
     t = 0.0
     while t < 4.0:
@@ -113,10 +114,10 @@ def test_storm_with_growth_never_reaches_full():
         peak = max(peak, sample.usage)
         decisions, state = decide(sample, DEFAULT, state, ENV)
         for d in decisions:
-            state = policy.after_outcome(state, d, True, False)
+            state = core.after_outcome(state, d, True, False)
             if d.kind == "raise_max":
                 table.max = d.new
-        t += policy.next_interval(sample, DEFAULT, state)
+        t += core.next_interval(sample, DEFAULT, state)
     assert peak < 0.9
     assert table.max > 100_000
 
@@ -126,11 +127,11 @@ def test_fast_tick_while_filling_calm_tick_when_idle():
     idle = table.sample(0.0, 1000)
     idle = table.sample(0.25, 1000)
     # A quarter of the free room at the storm rate: 99000 / 4 / 100000 per second.
-    assert policy.next_interval(idle, DEFAULT, State()) == pytest.approx(0.2475)
-    assert not policy.under_pressure(idle, DEFAULT)     # a shorter calm tick is not pressure
+    assert core.next_interval(idle, DEFAULT, Memory()) == pytest.approx(0.2475)
+    assert not core.under_pressure(idle, DEFAULT)     # a shorter calm tick is not pressure
     busy = table.sample(0.5, 60_000)
-    assert policy.next_interval(busy, DEFAULT, State()) == DEFAULT.agent.fast_interval
-    assert policy.under_pressure(busy, DEFAULT)
+    assert core.next_interval(busy, DEFAULT, Memory()) == DEFAULT.agent.fast_interval
+    assert core.under_pressure(busy, DEFAULT)
 
 
 @pytest.mark.parametrize("maximum, count, expected", [
@@ -143,7 +144,7 @@ def test_calm_tick_follows_the_free_room(maximum, count, expected):
     table = Table(maximum)
     table.sample(0.0, count)
     sample = table.sample(1.0, count)
-    assert policy.next_interval(sample, DEFAULT, State()) == pytest.approx(expected)
+    assert core.next_interval(sample, DEFAULT, Memory()) == pytest.approx(expected)
 
 
 def test_a_storm_from_empty_is_seen_before_a_quarter_of_the_room_is_gone():
@@ -151,7 +152,7 @@ def test_a_storm_from_empty_is_seen_before_a_quarter_of_the_room_is_gone():
     for maximum in (32_768, 262_144, 1_048_576):
         table = Table(maximum)
         idle = table.sample(0.0, 0)
-        tick = policy.next_interval(idle, DEFAULT, State())
+        tick = core.next_interval(idle, DEFAULT, Memory())
         assert 100_000 * tick <= 0.25 * maximum + 1e-6
 
 
@@ -198,7 +199,7 @@ def test_fullest_namespace_counts():
     ra = model.Reading("a", 1.0, 100, 1000, 1000, {})
     rb = model.Reading("b", 1.0, 800, 1000, 1000, {})
     sample = model.combine((ra, rb), (a.tracker.update(ra), b.tracker.update(rb)))
-    decisions, _ = decide(sample, only(GROW_THRESHOLD), State(), ENV)
+    decisions, _ = decide(sample, only(GROW_THRESHOLD), Memory(), ENV)
     assert decisions[0].netns == "b" and "netns b" in decisions[0].reason
 
 
@@ -230,7 +231,7 @@ def test_raise_is_capped_by_the_memory_budget():
 def test_entry_bytes_override_from_policy():
     pol = replace(only(GROW_THRESHOLD), limits=replace(config.Limits(), entry_bytes=1000, memory_share=0.01))
     env = Environment(mem_total=GiB, entry_bytes=256)
-    limit, _ = policy.ceiling(pol, GROW_THRESHOLD, env)
+    limit, _ = core.ceiling(pol, GROW_THRESHOLD, env)
     assert limit == int(GiB * 0.01 // (1000 + 128 + 8))
 
 
@@ -267,7 +268,7 @@ def test_action_cap_per_tick():
 
 def test_lost_capability_is_not_proposed():
     table = Table(1000)
-    fired = run(only(GROW_THRESHOLD), [table.sample(0, 900)], state=State(lost=frozenset({"max"})))[0]
+    fired = run(only(GROW_THRESHOLD), [table.sample(0, 900)], state=Memory(lost=frozenset({"max"})))[0]
     assert fired == []
 
 
@@ -297,7 +298,7 @@ def test_buckets_untouched_when_the_agent_owns_no_max():
 
 def test_external_change_backs_off_by_default():
     table = Table(5000)
-    state = State(owned_max=8000)
+    state = Memory(owned_max=8000)
     fired, state = run(only(GROW_THRESHOLD), [table.sample(0, 10)], state=state)
     assert [d.kind for _, d in fired] == ["external_change"]
     assert "8000 to 5000" in fired[0][1].reason and state.owned_max is None
@@ -306,7 +307,7 @@ def test_external_change_backs_off_by_default():
 def test_external_change_reasserted_when_asked():
     table = Table(5000, buckets=8000)
     pol = only(GROW_THRESHOLD, on_external_change="reassert")
-    fired, state = run(pol, [table.sample(0, 10)], state=State(owned_max=8000))
+    fired, state = run(pol, [table.sample(0, 10)], state=Memory(owned_max=8000))
     assert [(d.kind, d.new) for _, d in fired] == [("external_change", 5000), ("raise_max", 8000)]
     assert state.owned_max == 8000
 
@@ -414,7 +415,7 @@ def test_prediction_stops_when_the_storm_stops():
     still = table.sample(1.1, 50_000)          # the flood stopped
     assert still.fill_rate > 1000              # the average still remembers it...
     assert still.time_to_full is None          # ...but nothing predicts a fill any more
-    decisions, _ = decide(still, DEFAULT, State(), ENV)
+    decisions, _ = decide(still, DEFAULT, Memory(), ENV)
     assert decisions == []
 
 
@@ -431,7 +432,7 @@ def test_a_storm_faster_than_the_table_gets_room_for_the_headroom():
     table = Table(32_768)
     table.sample(0.0, 1000)
     sample = table.sample(0.25, 26_000)                      # the calm tick that first sees the storm
-    (decision,) = [d for d in decide(sample, DEFAULT, State(), ENV)[0] if d.kind == "raise_max"]
+    (decision,) = [d for d in decide(sample, DEFAULT, Memory(), ENV)[0] if d.kind == "raise_max"]
     rate = sample.fill_rate
     assert decision.new == math.ceil(26_000 + rate * 10.0) > 4 * 32_768
     assert "room for 10s" in decision.reason
@@ -441,7 +442,7 @@ def test_headroom_never_passes_the_ceiling():
     pol = replace(DEFAULT, limits=replace(config.Limits(), max_ceiling=50_000))
     table = Table(32_768)
     table.sample(0.0, 1000)
-    (decision,) = [d for d in decide(table.sample(0.25, 26_000), pol, State(), ENV)[0] if d.kind == "raise_max"]
+    (decision,) = [d for d in decide(table.sample(0.25, 26_000), pol, Memory(), ENV)[0] if d.kind == "raise_max"]
     assert decision.new == 50_000 and "limits.max_ceiling" in decision.reason
 
 

@@ -28,25 +28,25 @@ class Change:
     since: float     # wall-clock seconds of the first change
 
 
-class StateError(Exception):
+class JournalError(Exception):
     pass
 
 
-class StateFile:
+class ChangeJournal:
     def __init__(self, path: str):
         self.path = path
         self.changes: Dict[Tuple[str, str], Change] = {}
 
-    def load(self) -> "StateFile":
+    def load(self) -> "ChangeJournal":
         try:
             with open(self.path, "rb") as f:
                 data = json.load(f)
         except FileNotFoundError:
             return self
         except (OSError, ValueError) as exc:
-            raise StateError(f"{self.path}: unreadable state file ({exc}); move it aside to start afresh") from None
+            raise JournalError(f"{self.path}: unreadable state file ({exc}); move it aside to start afresh") from None
         if not isinstance(data, dict) or data.get("version") != VERSION:
-            raise StateError(f"{self.path}: unknown state file version {data.get('version')!r}")
+            raise JournalError(f"{self.path}: unknown state file version {data.get('version')!r}")
         for raw in data.get("changes", []):
             change = Change(**raw)
             self.changes[(change.netns, change.name)] = change
