@@ -1,35 +1,39 @@
-"""The state file: what the agent changed, and the value it replaced.
-
-Written atomically (temporary file, fsync, rename, fsync of the directory) before
-each change takes effect, so a crash at any point leaves either the old or the
-new file and never loses an original. An original is recorded only when no entry
-exists yet: after a crash the agent's own raised value is never mistaken for the
-node's original.
-"""
+"""TEMPORARY minimal change journal (replaced by the hardened one)."""
 
 from __future__ import annotations
 
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
-VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass
 class Change:
-    netns: str       # "" for the agent's own namespace (and for global values)
-    name: str        # sysctl name, e.g. "nf_conntrack_max", "nf_conntrack_udp_timeout"
+    netns: str
+    name: str
+    action: str
     original: int
-    applied: int     # the value the agent wrote last
+    applied: int
     rule: str
-    since: float     # wall-clock seconds of the first change
+    since: float
+    restore_after: Optional[float] = None
+    restore_below: Optional[float] = None
+    pending: bool = False
 
 
 class JournalError(Exception):
     pass
+
+
+@dataclass
+class LoadReport:
+    problems: List[str] = field(default_factory=list)
+    quarantined: Optional[str] = None
+    dropped: List[str] = field(default_factory=list)
 
 
 class ChangeJournal:
@@ -37,55 +41,76 @@ class ChangeJournal:
         self.path = path
         self.changes: Dict[Tuple[str, str], Change] = {}
 
-    def load(self) -> "ChangeJournal":
+    def load(self, quarantine: bool = True) -> LoadReport:
         try:
             with open(self.path, "rb") as f:
                 data = json.load(f)
         except FileNotFoundError:
-            return self
-        except (OSError, ValueError) as exc:
-            raise JournalError(f"{self.path}: unreadable state file ({exc}); move it aside to start afresh") from None
-        if not isinstance(data, dict) or data.get("version") != VERSION:
-            raise JournalError(f"{self.path}: unknown state file version {data.get('version')!r}")
+            return LoadReport()
         for raw in data.get("changes", []):
-            change = Change(**raw)
-            self.changes[(change.netns, change.name)] = change
-        return self
+            c = Change(**raw)
+            self.changes[(c.netns, c.name)] = c
+        return LoadReport()
 
     def save(self) -> None:
-        directory = os.path.dirname(self.path) or "."
-        os.makedirs(directory, mode=0o755, exist_ok=True)
-        payload = json.dumps({"version": VERSION, "changes": [asdict(c) for c in self.changes.values()]},
-                             indent=1, sort_keys=True).encode()
-        tmp = f"{self.path}.tmp.{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            os.write(fd, payload)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        d = os.path.dirname(self.path) or "."
+        os.makedirs(d, exist_ok=True)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"version": SCHEMA_VERSION, "changes": [asdict(c) for c in self.changes.values()]}, f)
         os.replace(tmp, self.path)
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
-    def get(self, netns: str, name: str) -> Optional[Change]:
+    def get(self, netns, name):
         return self.changes.get((netns, name))
 
-    def record(self, netns: str, name: str, original: int, applied: int, rule: str) -> None:
-        """Note a change about to be made; keeps the first original."""
-        existing = self.changes.get((netns, name))
-        if existing is None:
-            self.changes[(netns, name)] = Change(netns, name, original, applied, rule, time.time())
+    def entries(self):
+        return list(self.changes.values())
+
+    def begin(self, netns, name, action, current, target, rule, restore_after=None, restore_below=None):
+        prev = self.changes.get((netns, name))
+        if prev is None:
+            new = Change(netns, name, action, current, target, rule, time.time(), restore_after, restore_below, True)
         else:
-            existing.applied = applied
+            new = replace(prev, applied=target, rule=rule, restore_after=restore_after, restore_below=restore_below,
+                          pending=True)
+        self.changes[(netns, name)] = new
+        self.save()
+        return ((netns, name), prev)
+
+    def confirm(self, token, applied):
+        key, _ = token
+        c = self.changes[key]
+        c.applied, c.pending = applied, False
         self.save()
 
-    def forget(self, netns: str, name: str) -> None:
+    def rollback(self, token):
+        key, prev = token
+        if prev is None:
+            self.changes.pop(key, None)
+        else:
+            self.changes[key] = prev
+        self.save()
+
+    def forget(self, netns, name):
         if self.changes.pop((netns, name), None) is not None:
             self.save()
+            return True
+        return False
 
-    def entries(self) -> List[Change]:
-        return list(self.changes.values())
+    def forget_namespace(self, netns):
+        gone = [c for c in self.changes.values() if c.netns == netns]
+        for c in gone:
+            del self.changes[(c.netns, c.name)]
+        if gone:
+            self.save()
+        return gone
+
+    def reassign(self, netns, name, rule, restore_after, restore_below):
+        c = self.changes[(netns, name)]
+        c.rule, c.restore_after, c.restore_below = rule, restore_after, restore_below
+        self.save()
+
+    def confirm_existing(self, netns, name, applied):
+        c = self.changes[(netns, name)]
+        c.applied, c.pending = applied, False
+        self.save()

@@ -17,10 +17,11 @@ import time
 from dataclasses import replace
 from typing import Any, Callable, Dict, List, Optional
 
-from . import __version__, config, decisions, logsetup, model, netns, procfs
-from .executor import GLOBAL, Executor, netns_label, sample_fields
-from .sampler import Sampler
+from . import __version__, actions, config, decisions, logsetup, model
+from .executor import Executor, netns_label, owned_records, sample_fields
 from .journal import ChangeJournal
+from .kernel import Kernel
+from .sampler import Sampler
 
 # While nothing can be read (nf_conntrack not loaded, namespace missing), look again
 # this often: loading the module is an operator's act, not an emergency.
@@ -31,19 +32,29 @@ PRESSURE_HOLD = 5.0
 STATUS_INTERVAL = 1.0
 # After a tick raised (a kernel answer the agent did not expect), try again this soon.
 TICK_RETRY = 1.0
+# A namespace holding changes the agent recorded that cannot be entered for this long
+# is gone for good: its sysctls went with it, so its records are dropped. Shorter
+# absences (a namespace being re-created, a slow mount) keep them.
+NAMESPACE_GONE_AFTER = 60.0
 
 
 class Agent:
     def __init__(self, policy_path: Optional[str], dry_run: bool, log: Any,
-                 clock: Callable[[], float] = time.monotonic, initial: Optional[config.Policy] = None):
+                 clock: Callable[[], float] = time.monotonic, initial: Optional[config.Policy] = None,
+                 kernel: Optional[Kernel] = None):
         """`initial`: an already validated policy; otherwise the files are read
-        (raises config.PolicyError). Reloads always read the files."""
+        (raises config.PolicyError). Reloads always read the files. `kernel`: the
+        seam to the kernel (LinuxKernel unless a test hands in a fake)."""
         self.policy_path = policy_path
         self.force_dry_run = dry_run
         self.log = log
         self.clock = clock
+        if kernel is None:
+            from .kernel import LinuxKernel
+            kernel = LinuxKernel()
+        self.kernel = kernel
         self.policy = self._with_dry_run(initial) if initial is not None else self._read_policy()
-        self.core = decisions.Memory()
+        self.memory = decisions.Memory()
         self.sampler: Optional[Sampler] = None
         self.last_sample: Optional[model.Sample] = None
         self.last_decision: Optional[decisions.Decision] = None
@@ -53,6 +64,7 @@ class Agent:
         self._under_pressure = False
         self._calm_since: Optional[float] = None
         self._status_sent_at: Optional[float] = None
+        self._missing_since: Dict[str, float] = {}   # namespace -> first failed entry (records there)
 
     # ------------------------------------------------------------------ set-up
 
@@ -69,11 +81,12 @@ class Agent:
         return ", ".join(self.policy.sources) or "built-in defaults"
 
     def start(self) -> Optional[model.Sample]:
-        self.state = ChangeJournal(self.policy.agent.state_file).load()
-        entry_bytes = procfs.slab_object_size() or model.DEFAULT_ENTRY_BYTES
-        self.env = decisions.Environment(mem_total=procfs.mem_total(), entry_bytes=entry_bytes)
+        self.journal = self._open_journal()
+        entry_bytes = self.kernel.entry_bytes() or model.DEFAULT_ENTRY_BYTES
+        self.env = decisions.Environment(mem_total=self.kernel.mem_total(), entry_bytes=entry_bytes,
+                                         namespaces=self.policy.agent.namespaces or ("",))
         self._open_sampler()
-        self.executor = Executor(self.log, self.state, self.policy.agent.namespaces, _evict_runner(self))
+        self.executor = Executor(self.log, self.journal, self.kernel, self.current_usage)
         logsetup.emit(self.log, "agent_started", self.policy.agent.dry_run, version=__version__,
                       namespaces=", ".join(netns_label(n) for n in self.sampler.namespaces),
                       policy=self.policy_label, rules="; ".join(config.describe(self.policy)))
@@ -83,10 +96,25 @@ class Agent:
         self.last_sample = sample
         return sample
 
+    def _open_journal(self) -> ChangeJournal:
+        """The change journal. A damaged file never stops the agent: what can be read is
+        kept, the file is moved aside, and the loss is logged at err."""
+        journal = ChangeJournal(self.policy.agent.state_file)
+        report = journal.load(quarantine=True)
+        if report.problems:
+            where = f"moved aside to {report.quarantined}" if report.quarantined else "left in place"
+            lost = "; ".join(report.dropped) or "nothing recoverable"
+            logsetup.emit(self.log, "journal_damaged", path=journal.path, problems="; ".join(report.problems[:5]),
+                          quarantined=report.quarantined, dropped=report.dropped,
+                          consequence=f"the file was {where}; records lost: {lost}; `conntrack-agent restore` "
+                                      "cannot put those values back")
+        return journal
+
     def _open_sampler(self) -> None:
         if self.sampler is not None:
             self.sampler.close()
-        self.sampler = Sampler(self.policy.agent.namespaces, self.policy.agent.fill_rate_window, self.clock)
+        self.sampler = Sampler(self.policy.agent.namespaces, self.policy.agent.fill_rate_window, self.clock,
+                               kernel=self.kernel)
 
     def _probe(self) -> None:
         opened, failed = self.sampler.open_missing()
@@ -101,30 +129,43 @@ class Agent:
         self._next_probe = self.clock() + REPROBE_INTERVAL
 
     def _recover_ownership(self) -> None:
-        """After a restart: keep owning what is still the agent's value; forget what
-        a reboot or another writer replaced (and so has nothing to restore)."""
-        originals = {}
-        for change in self.state.entries():
+        """After a start: keep owning what is still the agent's value, settle writes a
+        kill interrupted, forget what a reboot or another writer replaced. Changes no
+        rule claims any more are left to the core, which restores them as orphans."""
+        for change in self.journal.entries():
             try:
-                with netns.entered(change.netns):
-                    current = procfs.read_sysctl(change.name)
-            except OSError:
-                continue
+                current = self.kernel.read_sysctl(change.netns, change.name)
+            except OSError as exc:
+                if self.kernel.is_missing(exc):
+                    self._missing_since.setdefault(change.netns, self.clock())
+                continue   # cannot tell now; the record stays for the core and for `restore`
+            if change.pending:
+                # Killed between the record and the write (or the confirmation).
+                if current == change.applied:
+                    self.journal.confirm_existing(change.netns, change.name, current)
+                elif current == change.original:
+                    self.journal.forget(change.netns, change.name)
+                    continue
             if current == change.applied:
-                if change.netns == GLOBAL and change.name == "nf_conntrack_max":
-                    self.core = replace(self.core, owned_max=current)
-                if change.name.startswith("nf_conntrack_") and "timeout" in change.name:
-                    rule_state = self.core.rule(change.rule)
-                    if rule_state.active_since is None:
-                        self.core = self.core.with_rule(change.rule, replace(rule_state, active_since=self.clock()))
-                originals[change.name] = change.original
-            else:
-                reason = ("it is back at its original (a reboot?)" if current == change.original
-                          else f"another writer set it to {current} since the agent set {change.applied}")
-                logsetup.emit(self.log, "restore_skipped", netns=change.netns, netns_label=netns_label(change.netns),
-                              name=change.name, reason=reason + "; forgetting the saved original")
-                self.state.forget(change.netns, change.name)
-        self.env = replace(self.env, originals={k: v for k, v in originals.items() if k == "nf_conntrack_max"})
+                self._claim(change)
+                continue
+            reason = ("it is back at its original (a reboot?)" if current == change.original
+                      else f"another writer set it to {current} since the agent set {change.applied}")
+            logsetup.emit(self.log, "restore_skipped", netns=change.netns, netns_label=netns_label(change.netns),
+                          name=change.name, reason=reason + "; forgetting the saved original")
+            self.journal.forget(change.netns, change.name)
+
+    def _claim(self, change: Any) -> None:
+        """A rule that still stands behind a kept timeout change has its episode back."""
+        if change.action != "set_timeouts":
+            return
+        for rule in self.policy.active_rules():
+            owned = decisions.Owned.of(change)
+            if actions.get(change.action).claims(rule, owned, self.env):
+                rule_memory = self.memory.rule(rule.name)
+                self.memory = self.memory.with_rule(rule.name, replace(
+                    rule_memory, covered=rule_memory.covered | {change.netns},
+                    active_since=rule_memory.active_since if rule_memory.active_since is not None else self.clock()))
 
     # ------------------------------------------------------------------ the tick
 
@@ -135,27 +176,26 @@ class Agent:
         if sample is None:
             self.last_sample = None
             return REPROBE_INTERVAL
-        decisions, core = decisions.decide(sample, self.policy, self.core, self.env)
-        if any(d.is_action for d in decisions):
+        owned = owned_records(self.journal)
+        found, memory = decisions.decide(sample, self.policy, self.memory, self.env, owned)
+        if any(d.is_action for d in found):
             # Act on a fresh reading, not one a few hundred microseconds old: decide again
-            # from the state before the first look (the first decision is discarded).
+            # from the memory before the first look (the first decision is discarded).
             fresh = self.sampler.sample(counters=True)
             if fresh is not None:
                 sample = fresh
-                decisions, core = decisions.decide(sample, self.policy, self.core, self.env)
-        self.core = core
+                found, memory = decisions.decide(sample, self.policy, self.memory, self.env, owned)
+        self.memory = memory
         self._note_pressure(sample, busy=decisions.under_pressure(sample, self.policy))
         # Under pressure (including its hold time) the fast tick runs: a bursty storm
         # has quiet gaps between bursts that must not send the agent back to sleep.
         interval = (self.policy.agent.fast_interval if self._under_pressure
-                    else decisions.next_interval(sample, self.policy, self.core))
-        for decision in decisions:
+                    else decisions.next_interval(sample, self.policy, self.memory))
+        for decision in found:
             outcome = self.executor.execute(decision, sample, self.policy)
-            self.core = decisions.after_outcome(self.core, decision, outcome.applied, outcome.lost_capability)
-            if decision.kind == "raise_max" and outcome.applied:
-                change = self.state.get(GLOBAL, "nf_conntrack_max")
-                if change is not None:
-                    self.env = replace(self.env, originals={"nf_conntrack_max": change.original})
+            self.memory = decisions.after_outcome(self.memory, decision, outcome, sample.time)
+            if outcome.missing:
+                self._note_missing(outcome.missing, decision)
             if decision.kind in ("raise_max", "restore_max") and outcome.applied and decision.new:
                 sample = model.with_max(sample, decision.new)
             self.last_decision = decision
@@ -166,6 +206,25 @@ class Agent:
                 listener(decision)
         self.last_sample = sample
         return interval
+
+    def _note_missing(self, missing: Any, decision: decisions.Decision) -> None:
+        """A namespace whose records could not be restored because it cannot be entered:
+        logged once, and its records dropped once it has been gone NAMESPACE_GONE_AFTER."""
+        now = self.clock()
+        for name in missing:
+            records = [c for c in self.journal.entries() if c.netns == name]
+            changes = ", ".join(c.name for c in records) or "nothing"
+            if name not in self._missing_since:
+                self._missing_since[name] = now
+                logsetup.emit(self.log, "namespace_missing", decision.dry_run, netns=name,
+                              netns_label=netns_label(name), changes=changes, grace=NAMESPACE_GONE_AFTER,
+                              error="no such namespace", rule=decision.rule)
+            elif now - self._missing_since[name] >= NAMESPACE_GONE_AFTER and not self.kernel.namespace_exists(name):
+                if not decision.dry_run:
+                    self.journal.forget_namespace(name)
+                del self._missing_since[name]
+                logsetup.emit(self.log, "namespace_gone", decision.dry_run, netns=name,
+                              netns_label=netns_label(name), changes=changes)
 
     def status_due(self) -> bool:
         """Whether the one-line status is worth sending now: after an action, else once
@@ -212,10 +271,10 @@ class Agent:
             return False
         namespaces_changed = fresh.agent.namespaces != self.policy.agent.namespaces
         self.policy = fresh
-        self.core = replace(self.core, lost=frozenset())  # a reload is the operator's "try again"
+        self.memory = replace(self.memory, lost=frozenset())  # a reload is the operator's "try again"
         if namespaces_changed:
+            self.env = replace(self.env, namespaces=fresh.agent.namespaces or ("",))
             self._open_sampler()
-            self.executor.namespaces = fresh.agent.namespaces or ("",)
             self._probe()
         logsetup.emit(self.log, "policy_loaded", self.policy.agent.dry_run, policy=self.policy_label,
                       rules="; ".join(config.describe(self.policy)))
@@ -223,11 +282,12 @@ class Agent:
 
     def evaluate(self) -> List[decisions.Decision]:
         """What the agent would do on its latest sample, without acting or advancing its
-        state (a sample of its own would consume counter deltas the next tick needs)."""
+        memory (a sample of its own would consume counter deltas the next tick needs)."""
         if self.last_sample is None:
             return []
-        decisions, _ = decisions.decide(self.last_sample, self.policy, self.core, self.env)
-        return decisions
+        found, _ = decisions.decide(self.last_sample, self.policy, self.memory, self.env,
+                                    owned_records(self.journal))
+        return found
 
     def current_usage(self) -> float:
         """Usage of the fullest watched namespace now, without advancing the fill-rate
@@ -271,20 +331,6 @@ class Agent:
         logsetup.emit(self.log, "agent_stopping", why=why)
         if self.sampler is not None:
             self.sampler.close()
-
-
-def _evict_runner(agent: Agent) -> Callable[..., Any]:
-    def sweep(spec: config.Evict, netns_name: str, dry_run: bool) -> Any:
-        from . import ctnetlink, evict
-
-        # A socket of its own: a dump owns its socket's receive queue until read to the end.
-        with netns.entered(netns_name):
-            sock = ctnetlink.CtnetlinkSocket()
-        try:
-            return evict.evict(sock, spec, dry_run=dry_run, usage=agent.current_usage, log=agent.log)
-        finally:
-            sock.close()
-    return sweep
 
 
 # ---------------------------------------------------------------------- plain main loop
