@@ -175,6 +175,7 @@ def _orphans(sample: Sample, policy: Policy, memory: Memory, env: Environment,
     rules = policy.active_rules()
     calm_since = dict(memory.orphan_calm)
     due: Dict[str, List[Owned]] = {}
+    adopted: List[Decision] = []
     orphan_keys = set()
     for o in owned:
         if o.pending:
@@ -183,6 +184,13 @@ def _orphans(sample: Sample, policy: Policy, memory: Memory, env: Environment,
         if action is None or any(action.claims(rule, o, env) for rule in rules):
             continue
         key = (o.netns, o.name)
+        adopter = action.adopter(o, rules, env)
+        if adopter is not None:
+            adopted.append(Decision(
+                "change_adopted", adopter.name, f"rule {adopter.name!r} shortens {o.name} too; it takes the change "
+                f"over from rule {o.rule!r}, which no longer stands behind it", o.netns, policy.agent.dry_run,
+                o.applied, o.original, is_action=False, action=o.action, restores=(o,)))
+            continue
         orphan_keys.add(key)
         if o.restore_below is not None and not calm(sample, o.restore_below):
             calm_since.pop(key, None)
@@ -198,7 +206,7 @@ def _orphans(sample: Sample, policy: Policy, memory: Memory, env: Environment,
             due.setdefault(o.action, []).append(o)
     memory = replace(memory, orphan_calm={k: v for k, v in calm_since.items() if k in orphan_keys},
                      orphan_retry_at={k: v for k, v in memory.orphan_retry_at.items() if k in orphan_keys})
-    out: List[Decision] = []
+    out: List[Decision] = adopted
     ctx = Context(sample, policy, memory, env, owned, dry_run=policy.agent.dry_run)
     for kind, records in due.items():
         out += actions.get(kind).undo_orphans(records, ctx)

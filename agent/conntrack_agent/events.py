@@ -58,6 +58,7 @@ EVENTS: Dict[str, EventKind] = {
                                    "and drops the records if it stays gone for {grace}s"),
     "journal_damaged": EventKind("e5a7c9b1d3f54a6c8e0b2d4f6a8c0e17", ERR,
                                  "state file {path} could not be used in full: {problems}; {consequence}"),
+    "change_adopted": EventKind("7d2e9a4c1b6f4e08a3c5d7e9f1b3a5c7", INFO, "{reason} (in {netns_label})"),
     "restore_skipped": EventKind("77c1d2a9e5b04f3c8a6d9e2f1b0c4a57", WARNING,
                                  "not restoring {name} in {netns_label}: {reason}"),
 }

@@ -63,6 +63,11 @@ class Executor:
             if decision.kind == "external_change" and not decision.dry_run:
                 for owned in decision.restores:   # backing off: the value is someone else's now
                     self.journal.forget(owned.netns, owned.name)
+            if decision.kind == "change_adopted" and not decision.dry_run:
+                rule = next(r for r in policy.rules if r.name == decision.rule)
+                for owned in decision.restores:
+                    self.journal.reassign(owned.netns, owned.name, rule.name, rule.set_timeouts.restore_after,
+                                          rule.set_timeouts.restore_below)
             return Outcome(applied=False)
         shell = Shell(self.kernel, self.journal, self._emit, fields, policy, self.log, self.usage)
         action = actions.get(decision.action)

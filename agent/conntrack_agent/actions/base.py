@@ -208,6 +208,11 @@ class Action:
         """Whether an enabled rule still stands behind a change this action made."""
         return rule.name == owned.rule and rule.action == self.kind
 
+    def adopter(self, owned: Owned, rules: Sequence[Rule], env: Environment) -> Optional[Rule]:
+        """An enabled rule that would make this very change itself: it takes the change
+        over instead of the agent restoring a value only to shorten it again."""
+        return None
+
     def orphan_ready(self, owned: Owned, ctx: Context) -> bool:
         """Beyond the recorded calm period: whether putting it back now is safe."""
         return True

@@ -10,7 +10,7 @@ timeout already at or below the target (someone else's choice) is left alone.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .. import events
 from ..config import Rule, format_duration
@@ -71,6 +71,9 @@ class SetTimeouts(Action):
     def claims(self, rule: Rule, owned: Owned, env) -> bool:
         return (rule.name == owned.rule and rule.action == self.kind and owned.netns in env.namespaces
                 and owned.name in {PREFIX + t for t, _ in rule.set_timeouts.values})
+
+    def adopter(self, owned: Owned, rules: Sequence[Rule], env) -> Optional[Rule]:
+        return next((r for r in rules if self.claims(r, owned._replace(rule=r.name), env)), None)
 
     def undo_orphans(self, orphans: Sequence[Owned], ctx: Context) -> List[Decision]:
         if not orphans:
