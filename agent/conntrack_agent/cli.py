@@ -339,7 +339,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if policy is None:
         return EXIT_CONFIG
     try:
-        state = ChangeJournal(policy.agent.state_file).load()
+        state = ChangeJournal(policy.agent.state_file)
+        state.load(quarantine=False)
     except JournalError as exc:
         print(f"conntrack-agent: {exc}", file=sys.stderr)
         return EXIT_FAIL

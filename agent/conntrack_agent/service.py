@@ -142,7 +142,7 @@ class Agent:
             if change.pending:
                 # Killed between the record and the write (or the confirmation).
                 if current == change.applied:
-                    self.journal.confirm_existing(change.netns, change.name, current)
+                    self.journal.settle(change.netns, change.name, current)
                 elif current == change.original:
                     self.journal.forget(change.netns, change.name)
                     continue

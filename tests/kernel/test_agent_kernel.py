@@ -268,8 +268,11 @@ def test_a_rule_renamed_after_a_kill_has_its_timeouts_restored_in_a_real_namespa
         ns.run(["conntrack", "-F"], check=False)
         again = AgentProcess(_shorten_policy(tmp_path, ns, name="shorten-renamed"))
         try:
-            event = again.wait_for(lambda e: e.get("event") == "restore_timeouts")
-            assert "no longer stands behind" in event["reason"]
+            # The renamed rule shortens the same timeout: it takes the change over and
+            # restores it by its own calm condition (restoring, then shortening again, would flap).
+            adopted = again.wait_for(lambda e: e.get("event") == "change_adopted")
+            assert adopted["rule"] == "shorten-renamed" and "from rule 'shorten'" in adopted["reason"]
+            again.wait_for(lambda e: e.get("event") == "restore_timeouts")
             assert _wait_value(ns, "nf_conntrack_udp_timeout", original) == original
         finally:
             assert again.stop() == 0
