@@ -207,7 +207,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                       error=str(exc), errors=[str(p) for p in exc.problems])
         return EXIT_CONFIG
     logsetup.configure(args.log_format or policy.agent.log_format)
-    agent = service.Agent(args.config, args.dry_run, logsetup.get_logger(), initial=policy)
+    from . import report
+    agent = service.Agent(args.config, args.dry_run, logsetup.get_logger(), initial=policy,
+                          report_path=_runtime_report_path(report.runtime_path()))
     notifier = _notifier()
     if not args.once and not args.no_dbus:
         try:
@@ -219,6 +221,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return service.run_simple(agent, notifier, once=args.once)
 
 
+def _runtime_report_path(path: str) -> Optional[str]:
+    """The runtime report's path, its directory made if missing (a foreground run as root;
+    the unit's RuntimeDirectory= makes it for the service). None when it cannot be."""
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    except OSError:
+        return None
+    return path
+
+
 def _notifier() -> Any:
     try:
         from . import sdnotify
@@ -228,12 +240,11 @@ def _notifier() -> Any:
 
 
 def _kernel_agent(args: argparse.Namespace, policy: config.Policy) -> Any:
-    """A throw-away Agent that reads the kernel but never acts or writes state."""
+    """A read-only Agent: reads the kernel and the state file, never acts or writes."""
     from . import logsetup, service
 
     logsetup.configure("json", stream=open(os.devnull, "w"))
-    quiet = replace_state_file(policy)
-    agent = service.Agent(None, True, logsetup.get_logger(), initial=quiet)
+    agent = service.Agent(None, True, logsetup.get_logger(), initial=policy, read_only=True)
     agent.start()
     if agent.last_sample is None:
         return agent
@@ -242,61 +253,80 @@ def _kernel_agent(args: argparse.Namespace, policy: config.Policy) -> Any:
     return agent
 
 
-def replace_state_file(policy: config.Policy) -> config.Policy:
-    # Read-only commands must not create /var/lib/conntrack-agent as a side effect.
-    from dataclasses import replace
-    return replace(policy, agent=replace(policy.agent, state_file=os.devnull + ".conntrack-agent-readonly",
-                                         dry_run=True))
+def _running_agent_report() -> Tuple[Optional[dict], str]:
+    """The running agent's own report: over D-Bus, else its runtime file."""
+    from . import report
+
+    try:
+        from . import dbus_service
+        data = dbus_service.query_report()
+    except Exception:  # noqa: BLE001 - gi, the bus or the agent's API may be missing: try the file
+        data = None
+    if data:
+        return data, "agent (D-Bus)"
+    data = report.read_runtime()
+    if data:
+        return data, f"agent ({report.runtime_path()})"
+    return None, ""
+
+
+def _current_report(args: argparse.Namespace, policy: Optional[config.Policy]) -> Tuple[Optional[dict], str, Any]:
+    """(report, source, agent): the running agent's, or one built from the kernel and the
+    state file (timers then start from nothing: the agent is not running)."""
+    if not getattr(args, "kernel", False):
+        data, source = _running_agent_report()
+        if data is not None:
+            return data, source, None
+    if policy is None:
+        return None, "", None
+    agent = _kernel_agent(args, policy)
+    if agent.last_sample is None:
+        return None, "", agent
+    return agent.report(), f"kernel and {policy.agent.state_file} (no running agent found)", agent
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     policy = _load_or_report(args)
     if policy is None:
         return EXIT_CONFIG
-    agent = _kernel_agent(args, policy)
-    if agent.last_sample is None:
-        print(f"conntrack-agent: {agent.status_line()}", file=sys.stderr)
+    data, source, agent = _current_report(args, policy)
+    if data is None:
+        print(f"conntrack-agent: {agent.status_line() if agent else 'no reading'}", file=sys.stderr)
         return EXIT_FAIL
-    from . import decisions
-    decisions, _ = decisions.decide(agent.last_sample, agent.policy, agent.core, agent.env)
     if args.json:
-        print(json.dumps({"status": agent.snapshot(), "decisions": [d.__dict__ for d in decisions]}, default=str))
+        print(json.dumps(dict(data, source=source), default=str))
         return EXIT_OK
-    print(agent.status_line())
-    if not decisions:
-        print("nothing to do: no rule's trigger holds")
-    for d in decisions:
-        what = d.describe() if d.is_action else f"notice {d.kind}"
-        print(f"- {d.rule or '(agent)'}: would {what}: {d.reason}")
+    status = data["status"]
+    print(f"source: {source}")
+    print(f"count {status['count']}/{status['max']} ({status['usage']:.1%}), fill {status['fill_rate']:+.0f}/s")
+    from . import report
+    for line in report.format_owned(data["owned"]) + report.format_rules(data["rules"]):
+        print(line)
+    print("plan:" if data["plan"] else "plan: nothing to do: no rule's trigger holds, nothing is due to be restored")
+    for line in data["plan"]:
+        print(f"  - {line}")
     return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    snapshot = None
-    if not args.kernel:
-        try:
-            from . import dbus_service
-            snapshot = dbus_service.query_daemon()
-        except Exception:  # the bus, gi or the daemon may be missing: read the kernel instead
-            snapshot = None
-    source = "agent (D-Bus)"
-    if snapshot is None:
-        try:
-            policy = _load(args)
-        except config.PolicyError:
-            policy = config.loads(b"", "<built-in>")
-        agent = _kernel_agent(args, policy)
-        if agent.last_sample is None:
-            print(f"conntrack-agent: {agent.status_line()}", file=sys.stderr)
-            return EXIT_FAIL
-        snapshot = agent.snapshot()
+    try:
+        policy: Optional[config.Policy] = _load(args)
+    except config.PolicyError as exc:
+        _report_invalid(exc, "; status falls back to the built-in defaults")
+        policy = config.loads(b"", "<built-in>")
+    data, source, agent = _current_report(args, policy)
+    if data is None:
+        print(f"conntrack-agent: {agent.status_line() if agent else 'no reading'}", file=sys.stderr)
+        return EXIT_FAIL
+    snapshot = dict(data["status"])
+    if agent is not None:
         sample = agent.last_sample
         snapshot["drops"] = {k: sample.deltas.get(k, 0) for k in ("drop", "early_drop", "insert_failed")}
-        snapshot["totals"] = {k: v for k, v in agent.sampler.probes[sample.fullest.netns].read(time.monotonic, counters=True)
-                              .counters.items() if k in ("drop", "early_drop", "insert_failed")}
-        source = "kernel"
+        snapshot["totals"] = {k: v for k, v in agent.sampler.probes[sample.fullest.netns]
+                              .read(time.monotonic, counters=True).counters.items()
+                              if k in ("drop", "early_drop", "insert_failed")}
     if args.json:
-        print(json.dumps(dict(snapshot, source=source), default=str))
+        print(json.dumps(dict(snapshot, source=source, owned=data["owned"]), default=str))
         return EXIT_OK
     ttf = snapshot.get("time_to_full")
     rows = [
@@ -312,18 +342,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         rows.append(("last decision", snapshot["last_decision"]))
     for key, value in rows:
         print(f"{key:>14}: {value}")
+    from . import report
+    for line in report.format_owned(data["owned"]):
+        print(line)
     return EXIT_OK
 
 
-def _fullest_count(namespaces: Tuple[str, ...]) -> Tuple[int, str]:
+def _fullest_count(kernel: Any, namespaces: Tuple[str, ...]) -> Tuple[int, str]:
     """The largest entry count among the watched namespaces: the global max binds each."""
-    from . import netns, procfs
-
     best, where = 0, "the table"
     for name in namespaces or ("",):
         try:
-            with netns.entered(name):
-                count = procfs.read_sysctl("nf_conntrack_count")
+            count = kernel.read_sysctl(name, "nf_conntrack_count")
         except OSError:
             continue
         if count >= best:
@@ -332,47 +362,51 @@ def _fullest_count(namespaces: Tuple[str, ...]) -> Tuple[int, str]:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from . import netns, procfs
+    from . import actions, report
     from .journal import ChangeJournal, JournalError
+    from .kernel import LinuxKernel
 
     policy = _load_or_report(args, "; restore takes the state file's path from it")
     if policy is None:
         return EXIT_CONFIG
+    journal = ChangeJournal(policy.agent.state_file)
     try:
-        state = ChangeJournal(policy.agent.state_file)
-        state.load(quarantine=False)
+        loaded = journal.load(quarantine=False)
     except JournalError as exc:
         print(f"conntrack-agent: {exc}", file=sys.stderr)
         return EXIT_FAIL
-    if not state.entries():
+    for problem in loaded.problems:
+        print(f"conntrack-agent: could not read: {problem}", file=sys.stderr)
+    if not journal.entries():
         print(f"nothing to restore ({policy.agent.state_file} records no change)")
-        return EXIT_OK
+        return EXIT_FAIL if loaded.problems else EXIT_OK
+    kernel = LinuxKernel()
+    order = list(actions.REGISTRY)   # timeouts, then the max, then the buckets it needed
     failures = 0
-    for change in state.entries():
+    for change in sorted(journal.entries(), key=lambda c: order.index(c.action) if c.action in order else len(order)):
         where = f"{change.name}" + (f" in netns {change.netns}" if change.netns else "")
         try:
-            with netns.entered(change.netns):
-                current = procfs.read_sysctl(change.name)
-                if current == change.original:
-                    print(f"{where}: already {current}")
-                elif current != change.applied and not args.force:
-                    print(f"{where}: left at {current}: another writer changed it after the agent set "
-                          f"{change.applied} (--force restores {change.original} anyway)")
-                else:
-                    if change.name == "nf_conntrack_max" and not args.force:
-                        count, fullest = _fullest_count(policy.agent.namespaces)
-                        if count >= 0.9 * change.original:
-                            print(f"{where}: not lowered to {change.original}: {fullest} holds {count} entries "
-                                  "and new connections would be dropped (--force to do it anyway)")
-                            failures += 1
-                            continue
-                    procfs.write_sysctl(change.name, change.original)
-                    print(f"{where}: {current} -> {change.original}")
-            state.forget(change.netns, change.name)
+            current = kernel.read_sysctl(change.netns, change.name)
+            count = _fullest_count(kernel, policy.agent.namespaces)[0] if change.name == "nf_conntrack_max" else None
+            verdict, sentence = report.restore_verdict(change.name, change.original, change.applied, current,
+                                                       count, force=args.force)
+            if verdict == "wait":
+                failures += 1
+            elif verdict == "restore":
+                kernel.write_sysctl(change.netns, change.name, change.original)
+            print(f"{where}: {sentence}")
+            if verdict != "wait":
+                journal.forget(change.netns, change.name)
         except OSError as exc:
-            print(f"{where}: cannot restore: {exc.strerror or exc}", file=sys.stderr)
-            failures += 1
-    return EXIT_FAIL if failures else EXIT_OK
+            gone = kernel.is_missing(exc)
+            print(f"{where}: cannot restore: {exc.strerror or exc}"
+                  + ("; the namespace is gone, and its values with it (the record is dropped)" if gone else ""),
+                  file=sys.stderr)
+            if gone:
+                journal.forget(change.netns, change.name)
+            else:
+                failures += 1
+    return EXIT_FAIL if failures or loaded.problems else EXIT_OK
 
 
 def _evict_selection(args: argparse.Namespace, policy: config.Policy) -> config.Evict:

@@ -59,6 +59,9 @@ EVENTS: Dict[str, EventKind] = {
     "journal_damaged": EventKind("e5a7c9b1d3f54a6c8e0b2d4f6a8c0e17", ERR,
                                  "state file {path} could not be used in full: {problems}; {consequence}"),
     "change_adopted": EventKind("7d2e9a4c1b6f4e08a3c5d7e9f1b3a5c7", INFO, "{reason} (in {netns_label})"),
+    "report_unavailable": EventKind("5b9d1f3e7a2c4b6d8e0f2a4c6b8d0e13", WARNING,
+                                    "cannot write the runtime report {path} ({error}); `plan` and `status` "
+                                    "without D-Bus will show the state file only"),
     "restore_skipped": EventKind("77c1d2a9e5b04f3c8a6d9e2f1b0c4a57", WARNING,
                                  "not restoring {name} in {netns_label}: {reason}"),
 }

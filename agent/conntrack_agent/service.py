@@ -41,10 +41,12 @@ NAMESPACE_GONE_AFTER = 60.0
 class Agent:
     def __init__(self, policy_path: Optional[str], dry_run: bool, log: Any,
                  clock: Callable[[], float] = time.monotonic, initial: Optional[config.Policy] = None,
-                 kernel: Optional[Kernel] = None):
+                 kernel: Optional[Kernel] = None, report_path: Optional[str] = None, read_only: bool = False):
         """`initial`: an already validated policy; otherwise the files are read
         (raises config.PolicyError). Reloads always read the files. `kernel`: the
-        seam to the kernel (LinuxKernel unless a test hands in a fake)."""
+        seam to the kernel (LinuxKernel unless a test hands in a fake). `report_path`:
+        where the runtime report goes (None: nowhere). `read_only`: the CLI's view
+        (plan, status): the state file is read, never moved, settled or written."""
         self.policy_path = policy_path
         self.force_dry_run = dry_run
         self.log = log
@@ -65,6 +67,8 @@ class Agent:
         self._calm_since: Optional[float] = None
         self._status_sent_at: Optional[float] = None
         self._missing_since: Dict[str, float] = {}   # namespace -> first failed entry (records there)
+        self._report_path = report_path
+        self.read_only = read_only
 
     # ------------------------------------------------------------------ set-up
 
@@ -91,7 +95,8 @@ class Agent:
                       namespaces=", ".join(netns_label(n) for n in self.sampler.namespaces),
                       policy=self.policy_label, rules="; ".join(config.describe(self.policy)))
         self._probe()
-        self._recover_ownership()
+        if not self.read_only:
+            self._recover_ownership()
         sample = self.sampler.sample()
         self.last_sample = sample
         return sample
@@ -100,8 +105,8 @@ class Agent:
         """The change journal. A damaged file never stops the agent: what can be read is
         kept, the file is moved aside, and the loss is logged at err."""
         journal = ChangeJournal(self.policy.agent.state_file)
-        report = journal.load(quarantine=True)
-        if report.problems:
+        report = journal.load(quarantine=not self.read_only)
+        if report.problems and not self.read_only:
             where = f"moved aside to {report.quarantined}" if report.quarantined else "left in place"
             lost = "; ".join(report.dropped) or "nothing recoverable"
             logsetup.emit(self.log, "journal_damaged", path=journal.path, problems="; ".join(report.problems[:5]),
@@ -227,12 +232,13 @@ class Agent:
                               netns_label=netns_label(name), changes=changes)
 
     def status_due(self) -> bool:
-        """Whether the one-line status is worth sending now: after an action, else once
-        per STATUS_INTERVAL (it changes every tick; systemd needs no more)."""
+        """Whether the one-line status (and the runtime report) is worth sending now: after
+        an action, else once per STATUS_INTERVAL (it changes every tick; systemd needs no more)."""
         now = self.clock()
         if self._status_sent_at is not None and now - self._status_sent_at < STATUS_INTERVAL:
             return False
         self._status_sent_at = now
+        self.publish_report()
         return True
 
     def _note_pressure(self, sample: model.Sample, busy: bool) -> None:
@@ -311,6 +317,60 @@ class Agent:
             "policy_path": self.policy_label,
             "dry_run": self.policy.agent.dry_run,
         }
+
+    def report(self) -> Dict[str, Any]:
+        """What the agent owns, and where every rule's timers stand (plan, status)."""
+        from . import report as reports
+
+        sample = self.last_sample
+        t = sample.time if sample is not None else self.clock()
+        owned = []
+        rules = self.policy.active_rules()
+        for change in self.journal.entries():
+            o = decisions.Owned.of(change)
+            action = actions.REGISTRY.get(change.action)
+            claimed = action is not None and any(action.claims(r, o, self.env) for r in rules)
+            current = change.applied
+            if sample is not None and change.name in ("nf_conntrack_max", "nf_conntrack_buckets"):
+                current = sample.max if change.name == "nf_conntrack_max" else sample.buckets
+            _, restore = reports.restore_verdict(change.name, change.original, change.applied, current,
+                                                 sample.count if sample is not None else None)
+            owned.append(dict(netns=change.netns, name=change.name, action=change.action, rule=change.rule,
+                              original=change.original, applied=change.applied, current=current,
+                              pending=change.pending, orphan=not claimed, restore=restore, since=change.since))
+        rule_rows = []
+        for rule in self.policy.rules:
+            rm = self.memory.rule(rule.name)
+            spec_after = {"set_timeouts": rule.set_timeouts.restore_after,
+                          "raise_max": None if rule.raise_max.raise_only else rule.raise_max.restore_after}
+            lost = sorted(f"{cap} in {netns_label(ns)}" for cap, ns in self.memory.lost
+                          if cap == actions.capability_of(rule.action))
+            rule_rows.append(dict(
+                name=rule.name, action=rule.action, enabled=rule.enabled,
+                cooldown_left=(max(0.0, rule.cooldown - (t - rm.last_fired)) if rm.last_fired is not None else 0.0),
+                held_for=(t - rm.held_since) if rm.held_since is not None else None,
+                sustained=rule.trigger.sustained,
+                episode_for=(t - rm.active_since) if rm.active_since is not None else None,
+                covered=sorted(rm.covered),
+                calm_for=(t - rm.calm_since) if rm.calm_since is not None else None,
+                restore_after=spec_after.get(rule.action), lost=lost))
+        return {"pid": os.getpid(), "written_at": time.time(), "policy": self.policy_label,
+                "dry_run": self.policy.agent.dry_run, "status": self.snapshot(), "owned": owned, "rules": rule_rows,
+                "plan": [f"{d.rule or '(agent)'}: would {d.describe() if d.is_action else 'notice ' + d.kind}: "
+                         f"{d.reason}" for d in self.evaluate()]}
+
+    def publish_report(self) -> None:
+        """The runtime copy of report() for `plan`/`status` without D-Bus; once per
+        status update. Best effort: a read-only /run only costs the CLI that view."""
+        from . import report as reports
+
+        if self._report_path is None:
+            return
+        try:
+            reports.write_runtime(self._report_path, self.report())
+        except OSError as exc:
+            logsetup.emit(self.log, "report_unavailable", path=self._report_path, error=exc.strerror or str(exc))
+            self._report_path = None
 
     def status_line(self) -> str:
         sample = self.last_sample

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import pytest
 
@@ -329,12 +329,13 @@ def test_dry_run_changes_nothing(tmp_path):
 class AgentProcess:
     """`conntrack-agent run` as a user runs it, JSON log lines collected."""
 
-    def __init__(self, policy_file: Path, *args: str, netns: str = ""):
+    def __init__(self, policy_file: Path, *args: str, netns: str = "", env: Optional[Dict[str, str]] = None):
         cmd = [sys.executable, "-m", "conntrack_agent", "run", "--config", str(policy_file),
                "--log-format", "json", "--no-dbus", *args]
         if netns:
             cmd = ["ip", "netns", "exec", netns] + cmd
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     env=dict(os.environ, **(env or {})))
         self._fd = self.proc.stderr.fileno()
         self._pending = b""
         self.lines: List[Dict] = []
@@ -564,3 +565,41 @@ def test_evict_cli_dry_run_previews_without_changing(ns):
     assert real.returncode == 0, real.stderr
     assert real.stdout.startswith("removed 500 entries")
     assert rig.conntrack_count(ns) == before - 500
+
+
+def test_plan_and_status_show_what_the_running_agent_owns_without_dbus(ns, tmp_path):
+    """After the agent raised the max, plan and status name the original and what restore
+    would do, and plan shows the rule's cooldown, from the agent's own report."""
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    env = {"RUNTIME_DIRECTORY": str(runtime)}
+    policy_file = policy_at(tmp_path, namespaces=[ns.name], agent='interval = "200ms"')
+    low = 1009
+    with rig.saved_global_sysctls():
+        rig.write_sysctl("nf_conntrack_max", low)
+        agent = AgentProcess(policy_file, env=env)
+        try:
+            agent.wait_for(lambda e: e.get("event") == "conntrack_available")
+            rig.flood_udp(ns, 900)
+            raised = agent.wait_for(lambda e: e.get("event") == "raise_max")
+            deadline = time.monotonic() + 10
+            while not (runtime / "report.json").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            cli = [sys.executable, "-m", "conntrack_agent"]
+            run_env = dict(os.environ, **env)
+            status = subprocess.run(cli + ["status", "--config", str(policy_file), "--json"], capture_output=True,
+                                    text=True, timeout=60, env=run_env)
+            plan = subprocess.run(cli + ["plan", "--config", str(policy_file)], capture_output=True, text=True,
+                                  timeout=60, env=run_env)
+        finally:
+            assert agent.stop() == 0
+    assert status.returncode == 0, status.stderr
+    data = json.loads(status.stdout)
+    assert data["source"].startswith("agent (")
+    owned = {o["name"]: o for o in data["owned"]}
+    assert owned["nf_conntrack_max"]["original"] == low
+    assert owned["nf_conntrack_max"]["applied"] == raised["new"]
+    assert plan.returncode == 0, plan.stderr
+    assert f"nf_conntrack_max: {raised['new']} (original {low}, rule grow-table)" in plan.stdout
+    assert "restore:" in plan.stdout and "source: agent (" in plan.stdout
+    assert "grow-table (raise_max):" in plan.stdout
