@@ -191,6 +191,30 @@ def path(value: Any) -> str:
     return value
 
 
+def optional_path(value: Any) -> str:
+    """An absolute path, or "" for off."""
+    return "" if value == "" else path(value)
+
+
+def listen_address(value: Any) -> str:
+    """"" (no port), or "host:port" with an IPv4/IPv6 literal host and a port 1-65535."""
+    if value == "":
+        return ""
+    if not isinstance(value, str):
+        raise Invalid(f'expected "host:port" or "", got {_type_name(value)}')
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    import ipaddress
+    try:
+        ipaddress.ip_address(host)
+        number_ok = sep and port.isdigit() and 1 <= int(port) <= 65535
+    except ValueError:
+        number_ok = False
+    if not number_ok:
+        raise Invalid(f'expected "host:port" with an IP address, e.g. "127.0.0.1:9469", got {value!r}')
+    return value
+
+
 NETNS_NAME = text(r"[A-Za-z0-9_.\-]{1,64}", "a network namespace name from /run/netns")
 RULE_NAME = text(r"[A-Za-z0-9_.\-]{1,64}", "a rule name of letters, digits, '-', '_' or '.'")
 
@@ -245,6 +269,14 @@ class Limits:
     entry_bytes: int = 0
     entry_overhead_bytes: int = DEFAULT_OVERHEAD_BYTES
     max_ceiling: int = 4_194_304
+
+
+@dataclass(frozen=True)
+class Metrics:
+    # node-exporter's textfile directory on Debian; "" turns the textfile off.
+    textfile: str = "/var/lib/prometheus/node-exporter/conntrack_agent.prom"
+    # "host:port" for an HTTP /metrics endpoint; "" (the default) opens no port.
+    listen: str = ""
 
 
 @dataclass(frozen=True)
@@ -315,6 +347,7 @@ class Rule:
 class Policy:
     agent: AgentSettings = field(default_factory=AgentSettings)
     limits: Limits = field(default_factory=Limits)
+    metrics: Metrics = field(default_factory=Metrics)
     rules: Tuple[Rule, ...] = ()
     sources: Tuple[str, ...] = ()
 
@@ -387,6 +420,10 @@ _SCHEMA: Dict[str, Dict[str, Check]] = {
         "entry_bytes": number(0, 65536, integer=True),
         "entry_overhead_bytes": number(0, 65536, integer=True),
         "max_ceiling": number(1024, 1 << 30, integer=True),
+    },
+    "metrics": {
+        "textfile": optional_path,
+        "listen": listen_address,
     },
     "trigger": {
         "match": choice("any", "all"),
@@ -488,7 +525,7 @@ class _Layer:
 
     def _read(self, raw: Dict[str, Any]) -> None:
         for top, value in raw.items():
-            if top in ("agent", "limits"):
+            if top in ("agent", "limits", "metrics"):
                 self.values[top] = self._table((top,), value, _SCHEMA[top], top)
             elif top == "rule":
                 if not isinstance(value, list):
@@ -497,7 +534,7 @@ class _Layer:
                 for index, entry in enumerate(value):
                     self._read_rule(index, entry)
             else:
-                self._problem((top,), "unknown table or key (known: agent, limits, rule)", top)
+                self._problem((top,), "unknown table or key (known: agent, limits, metrics, rule)", top)
 
     def _read_rule(self, index: int, raw: Any) -> None:
         base = ("rule", index)
@@ -561,16 +598,14 @@ def _display(path: Tuple[Any, ...]) -> str:
 
 def _merge(layers: Sequence[_Layer]) -> Policy:
     problems: List[Problem] = []
-    agent, limits = AgentSettings(), Limits()
+    tables: Dict[str, Any] = {"agent": AgentSettings(), "limits": Limits(), "metrics": Metrics()}
     where: Dict[str, Tuple[str, Optional[int], str]] = {}
     for layer in layers:
         for table, values in layer.values.items():
             for key, (value, line, display) in values.items():
                 where[f"{table}.{key}"] = (layer.name, line, display)
-                if table == "agent":
-                    agent = replace(agent, **{key: value})
-                else:
-                    limits = replace(limits, **{key: value})
+                tables[table] = replace(tables[table], **{key: value})
+    agent, limits = tables["agent"], tables["limits"]
 
     rules: Dict[str, Rule] = {r.name: r for r in DEFAULT_RULES}
     order: List[str] = [r.name for r in DEFAULT_RULES]
@@ -605,7 +640,7 @@ def _merge(layers: Sequence[_Layer]) -> Policy:
             rules[name] = rule
             problems.extend(_check_rule(rule, layer.name, raw))
 
-    policy = Policy(agent=agent, limits=limits, rules=tuple(rules[n] for n in order),
+    policy = Policy(agent=agent, limits=limits, metrics=tables["metrics"], rules=tuple(rules[n] for n in order),
                     sources=tuple(layer.name for layer in layers))
     problems.extend(_check_policy(policy, where))
     if problems:

@@ -62,6 +62,9 @@ EVENTS: Dict[str, EventKind] = {
     "report_unavailable": EventKind("5b9d1f3e7a2c4b6d8e0f2a4c6b8d0e13", WARNING,
                                     "cannot write the runtime report {path} ({error}); `plan` and `status` "
                                     "without D-Bus will show the state file only"),
+    "metrics_unavailable": EventKind("a1c3e5f7092b4d6f8a0c2e4b6d8f1a35", WARNING,
+                                     "cannot write the metrics textfile {path} ({error}); the agent works on "
+                                     "without it and says so once"),
     "restore_skipped": EventKind("77c1d2a9e5b04f3c8a6d9e2f1b0c4a57", WARNING,
                                  "not restoring {name} in {netns_label}: {reason}"),
 }

@@ -45,13 +45,17 @@ def owned_records(journal: Any) -> tuple:
 
 
 class Executor:
-    def __init__(self, log: Any, journal: Any, kernel: Any, usage: Optional[Callable[[], float]] = None):
+    def __init__(self, log: Any, journal: Any, kernel: Any, usage: Optional[Callable[[], float]] = None,
+                 on_event: Optional[Callable[[str, bool, Dict[str, Any]], None]] = None):
         self.log = log
         self.journal = journal
         self.kernel = kernel
         self.usage = usage or (lambda: 0.0)
+        self.on_event = on_event    # sees every event it logs (the metrics' counters)
 
     def _emit(self, kind: str, dry_run: bool = False, **fields: Any) -> None:
+        if self.on_event is not None:
+            self.on_event(kind, dry_run, fields)
         logsetup.emit(self.log, kind, dry_run, **fields)
 
     def execute(self, decision: Decision, sample: Optional[Sample], policy: Policy) -> Outcome:
@@ -59,6 +63,8 @@ class Executor:
         fields.update(rule=decision.rule, action=decision.kind, reason=decision.reason,
                       netns=decision.netns, netns_label=netns_label(decision.netns))
         if not decision.is_action:
+            if decision.restores:
+                fields["name"] = decision.restores[0].name
             self._emit(decision.kind, decision.dry_run, old=decision.old, new=decision.new, **fields)
             if decision.kind == "external_change" and not decision.dry_run:
                 for owned in decision.restores:   # backing off: the value is someone else's now

@@ -28,6 +28,7 @@ class Sampler:
         self.tracker = model.FillTracker(window)
         self.probes: Dict[str, Probe] = {}
         self.unavailable: Dict[str, str] = {}   # namespace -> why, for the log
+        self.last_readings: Dict[str, model.Reading] = {}   # the cumulative counters, for the metrics
 
     def open_missing(self) -> Tuple[List[str], Dict[str, str]]:
         """(Re)try the namespaces not open yet. Returns (newly opened, newly failed)."""
@@ -59,9 +60,11 @@ class Sampler:
                 probe.close()
                 del self.probes[name]
                 self.tracker.forget(name)
+                self.last_readings.pop(name, None)
                 self.unavailable[name] = exc.strerror or str(exc)
                 continue
             readings.append(reading)
+            self.last_readings[name] = reading
             views.append(self.tracker.update(reading))
         if not readings:
             return None

@@ -17,7 +17,7 @@ import time
 from dataclasses import replace
 from typing import Any, Callable, Dict, List, Optional
 
-from . import __version__, actions, config, decisions, logsetup, model
+from . import __version__, actions, config, decisions, logsetup, metrics, model
 from .executor import Executor, netns_label, owned_records, sample_fields
 from .journal import ChangeJournal
 from .kernel import Kernel
@@ -69,6 +69,9 @@ class Agent:
         self._missing_since: Dict[str, float] = {}   # namespace -> first failed entry (records there)
         self._report_path = report_path
         self.read_only = read_only
+        self.counters = metrics.Counters()
+        self._metrics_failed: Optional[str] = None
+        self.last_tick_at: Optional[float] = None     # wall clock of the last tick that finished
 
     # ------------------------------------------------------------------ set-up
 
@@ -90,7 +93,7 @@ class Agent:
         self.env = decisions.Environment(mem_total=self.kernel.mem_total(), entry_bytes=entry_bytes,
                                          namespaces=self.policy.agent.namespaces or ("",))
         self._open_sampler()
-        self.executor = Executor(self.log, self.journal, self.kernel, self.current_usage)
+        self.executor = Executor(self.log, self.journal, self.kernel, self.current_usage, self.counters.event)
         logsetup.emit(self.log, "agent_started", self.policy.agent.dry_run, version=__version__,
                       namespaces=", ".join(netns_label(n) for n in self.sampler.namespaces),
                       policy=self.policy_label, rules="; ".join(config.describe(self.policy)))
@@ -199,6 +202,7 @@ class Agent:
         for decision in found:
             outcome = self.executor.execute(decision, sample, self.policy)
             self.memory = decisions.after_outcome(self.memory, decision, outcome, sample.time)
+            self.counters.after(decision, outcome)
             if outcome.missing:
                 self._note_missing(outcome.missing, decision)
             if decision.kind in ("raise_max", "restore_max") and outcome.applied and decision.new:
@@ -210,6 +214,7 @@ class Agent:
             for listener in self.decision_listeners:
                 listener(decision)
         self.last_sample = sample
+        self.last_tick_at = time.time()
         return interval
 
     def _note_missing(self, missing: Any, decision: decisions.Decision) -> None:
@@ -239,6 +244,7 @@ class Agent:
             return False
         self._status_sent_at = now
         self.publish_report()
+        self.publish_metrics()
         return True
 
     def _note_pressure(self, sample: model.Sample, busy: bool) -> None:
@@ -358,6 +364,51 @@ class Agent:
                 "dry_run": self.policy.agent.dry_run, "status": self.snapshot(), "owned": owned, "rules": rule_rows,
                 "plan": [f"{d.rule or '(agent)'}: would {d.describe() if d.is_action else 'notice ' + d.kind}: "
                          f"{d.reason}" for d in self.evaluate()]}
+
+    def metrics_view(self) -> Dict[str, Any]:
+        """What the metrics show, from the latest sample, the journal and the policy."""
+        sample = self.last_sample
+        view: Dict[str, Any] = {"version": __version__, "last_action_at": self.last_action_at, "timeouts": []}
+        if sample is None:
+            return view
+        owned_max = self.journal.get("", "nf_conntrack_max")
+        grow = next((r for r in self.policy.active_rules() if r.action == "raise_max"), None)
+        if grow is not None:
+            limit, _ = decisions.ceiling(self.policy, grow, self.env)
+        else:
+            limit = self.policy.limits.max_ceiling
+        view.update(max=sample.max, buckets=sample.buckets, ceiling=limit,
+                    max_original=owned_max.original if owned_max is not None and not owned_max.pending else sample.max)
+        agent = self.policy.agent
+        namespaces = []
+        for ns in sample.namespaces:
+            reading = self.sampler.last_readings.get(ns.netns)
+            ttf = ns.time_to_full
+            pressure = (ns.usage >= agent.fast_usage or (ttf is not None and ttf < agent.fast_time_to_full)
+                        or any(ns.deltas.get(c, 0) for c in ("drop", "early_drop")))
+            namespaces.append({"netns": ns.netns, "count": ns.count, "fill_rate": round(ns.fill_rate, 3),
+                               "time_to_full": ttf, "pressure": pressure,
+                               "counters": dict(reading.counters) if reading is not None else {}})
+        view["namespaces"] = namespaces
+        view["timeouts"] = [(c.netns, c.name[len("nf_conntrack_"):], c.applied) for c in self.journal.entries()
+                            if c.action == "set_timeouts" and not c.pending]
+        return view
+
+    def metrics_text(self) -> str:
+        return metrics.render(metrics.families_of(self.metrics_view(), self.counters))
+
+    def publish_metrics(self) -> None:
+        """The textfile for node-exporter, when its directory exists (best effort: the
+        agent's job is the table, not the exposition)."""
+        path = self.policy.metrics.textfile
+        if not metrics.directory_ready(path):
+            return
+        try:
+            metrics.write_textfile(path, self.metrics_text())
+        except OSError as exc:
+            if path != self._metrics_failed:
+                self._metrics_failed = path
+                logsetup.emit(self.log, "metrics_unavailable", path=path, error=exc.strerror or str(exc))
 
     def publish_report(self) -> None:
         """The runtime copy of report() for `plan`/`status` without D-Bus; once per

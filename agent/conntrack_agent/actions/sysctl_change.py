@@ -53,7 +53,7 @@ def put_back(shell: Shell, decision: Decision, owned: Owned) -> Optional[str]:
             return None
         shell.emit("external_change", decision.dry_run, **dict(
             shell.fields, netns=owned.netns, netns_label=netns_label(owned.netns), old=owned.applied,
-            new=current, rule=owned.rule,
+            new=current, rule=owned.rule, name=owned.name,
             reason=f"{owned.name} in {netns_label(owned.netns)} was changed from the agent's {owned.applied} "
                    f"to {current} by another writer; leaving it"))
         if not decision.dry_run:
