@@ -71,6 +71,9 @@ class Agent:
         self.read_only = read_only
         self.counters = metrics.Counters()
         self._metrics_failed: Optional[str] = None
+        self._metrics_server: Any = None
+        self._metrics_latest = ""
+        self._listening = ""
         self.last_tick_at: Optional[float] = None     # wall clock of the last tick that finished
 
     # ------------------------------------------------------------------ set-up
@@ -398,17 +401,38 @@ class Agent:
         return metrics.render(metrics.families_of(self.metrics_view(), self.counters))
 
     def publish_metrics(self) -> None:
-        """The textfile for node-exporter, when its directory exists (best effort: the
-        agent's job is the table, not the exposition)."""
-        path = self.policy.metrics.textfile
+        """The textfile for node-exporter, when its directory exists, and the text the
+        optional HTTP endpoint serves (best effort: the agent's job is the table, not
+        the exposition)."""
+        path, listen = self.policy.metrics.textfile, self.policy.metrics.listen
+        if listen != self._listening:
+            self._serve_metrics(listen)
+        if not (metrics.directory_ready(path) or self._metrics_server is not None):
+            return
+        text = self.metrics_text()
+        self._metrics_latest = text
         if not metrics.directory_ready(path):
             return
         try:
-            metrics.write_textfile(path, self.metrics_text())
+            metrics.write_textfile(path, text)
         except OSError as exc:
             if path != self._metrics_failed:
                 self._metrics_failed = path
                 logsetup.emit(self.log, "metrics_unavailable", path=path, error=exc.strerror or str(exc))
+
+    def _serve_metrics(self, listen: str) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            self._metrics_server = None
+        self._listening = listen
+        if not listen or self.read_only:
+            return
+        from . import metrics_http  # http.server only when asked for (~2.7 MB of RSS)
+        try:
+            self._metrics_server = metrics_http.MetricsServer(listen, lambda: self._metrics_latest)
+        except OSError as exc:
+            logsetup.emit(self.log, "metrics_unavailable", path=f"http://{listen}/metrics",
+                          error=exc.strerror or str(exc))
 
     def publish_report(self) -> None:
         """The runtime copy of report() for `plan`/`status` without D-Bus; once per
@@ -440,6 +464,9 @@ class Agent:
 
     def stop(self, why: str = "signal") -> None:
         logsetup.emit(self.log, "agent_stopping", why=why)
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            self._metrics_server = None
         if self.sampler is not None:
             self.sampler.close()
 

@@ -127,3 +127,49 @@ def test_promtool_accepts_the_exposition(tmp_path):
     out = subprocess.run(["promtool", "check", "metrics"], input=rig.agent.metrics_text(), capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_listen_serves_the_same_text_over_http_on_loopback(tmp_path):
+    import socket
+    import urllib.request
+    with socket.socket() as probe:          # a free loopback port
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    rig = Rig(tmp_path)
+    rig.write_policy(text=f'[agent]\nstate_file = "{rig.state}"\n[metrics]\ntextfile = ""\n'
+                          f'listen = "127.0.0.1:{free}"\n')
+    rig.start()
+    rig.set_count(100)
+    rig.run_for(0.5)
+    assert rig.agent.status_due()
+    try:
+        host, port = rig.agent._metrics_server.address[:2]
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as reply:
+            body = reply.read().decode()
+            assert reply.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        assert body == rig.agent._metrics_latest and "conntrack_agent_entries{netns=\"\"} 100" in body
+    finally:
+        rig.agent.stop()
+
+
+def test_no_port_and_no_http_server_import_by_default(tmp_path):
+    import subprocess
+    import sys
+    code = ("import sys; from conntrack_agent import service, cli; "
+            "print('http.server' in sys.modules, 'conntrack_agent.metrics_http' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+def test_textfile_written_with_the_status_update_when_its_directory_exists(tmp_path):
+    textdir = tmp_path / "textfile"
+    rig = Rig(tmp_path)
+    rig.write_policy(text=f'[agent]\nstate_file = "{rig.state}"\n[metrics]\n'
+                          f'textfile = "{textdir}/conntrack_agent.prom"\n')
+    rig.start()
+    rig.run_for(0.25)
+    assert rig.agent.status_due() and not textdir.exists()      # no directory: nothing, no error
+    textdir.mkdir()
+    rig.clock.now += 2
+    assert rig.agent.status_due()
+    assert "conntrack_agent_info{version=" in (textdir / "conntrack_agent.prom").read_text()
