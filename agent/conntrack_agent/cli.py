@@ -14,6 +14,9 @@ from . import __version__, config
 # 78 is EX_CONFIG: the unit's RestartPreventExitStatus=78 keeps an invalid policy
 # from becoming a restart loop.
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 78
+# `status --check`: the calm tick is at most agent.interval (1s by default, 60s at most);
+# a last tick older than this means the agent hangs or every tick fails.
+CHECK_MAX_AGE = 90.0
 
 DESCRIPTION = """\
 Keeps the kernel's conntrack table from filling. Watches the entry count against
@@ -91,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--kernel", action="store_true", help="read the kernel even when the agent runs")
+    status.add_argument("--check", action="store_true",
+                        help="exit 0 if the running agent ticked within --max-age, else 1 (a liveness probe)")
+    status.add_argument("--max-age", type=float, default=CHECK_MAX_AGE, metavar="SECONDS",
+                        help=f"with --check: the oldest last tick still alive (default {CHECK_MAX_AGE:g})")
 
     restore = sub.add_parser(
         "restore", formatter_class=_Formatter,
@@ -308,7 +315,27 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_check_alive(args: argparse.Namespace) -> int:
+    """Liveness for a probe: the running agent's own report, and how old its last tick is."""
+    data, source = _running_agent_report()
+    if data is None:
+        print("not alive: no running agent found (no D-Bus API, no fresh runtime report)")
+        return EXIT_FAIL
+    last = data.get("last_tick_at")
+    if not isinstance(last, (int, float)):
+        print(f"not alive: the agent ({source}) has not finished a tick yet")
+        return EXIT_FAIL
+    age = time.time() - last
+    if age > args.max_age:
+        print(f"not alive: the last tick finished {age:.0f}s ago (over {args.max_age:g}s), per {source}")
+        return EXIT_FAIL
+    print(f"alive: last tick {age:.1f}s ago, per {source}")
+    return EXIT_OK
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.check:
+        return cmd_check_alive(args)
     try:
         policy: Optional[config.Policy] = _load(args)
     except config.PolicyError as exc:

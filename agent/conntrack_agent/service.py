@@ -363,7 +363,8 @@ class Agent:
                 covered=sorted(rm.covered),
                 calm_for=(t - rm.calm_since) if rm.calm_since is not None else None,
                 restore_after=spec_after.get(rule.action), lost=lost))
-        return {"pid": os.getpid(), "written_at": time.time(), "policy": self.policy_label,
+        return {"pid": os.getpid(), "written_at": time.time(), "last_tick_at": self.last_tick_at,
+                "policy": self.policy_label,
                 "dry_run": self.policy.agent.dry_run, "status": self.snapshot(), "owned": owned, "rules": rule_rows,
                 "plan": [f"{d.rule or '(agent)'}: would {d.describe() if d.is_action else 'notice ' + d.kind}: "
                          f"{d.reason}" for d in self.evaluate()]}

@@ -173,3 +173,27 @@ def test_textfile_written_with_the_status_update_when_its_directory_exists(tmp_p
     rig.clock.now += 2
     assert rig.agent.status_due()
     assert "conntrack_agent_info{version=" in (textdir / "conntrack_agent.prom").read_text()
+
+
+def test_status_check_follows_the_age_of_the_last_tick(tmp_path, monkeypatch, capsys):
+    """The liveness probe: alive while ticks finish, not alive once they stop."""
+    import time
+    from conntrack_agent import cli, report
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path))
+    rig = Rig(tmp_path)
+    rig.write_policy()
+    rig.agent = service_agent = __import__("conntrack_agent.service", fromlist=["Agent"]).Agent(
+        str(rig.policy), False, rig.events, clock=rig.clock, kernel=rig.kernel, report_path=report.runtime_path())
+    service_agent.start()
+    assert cli.main(["status", "--check"]) == 1          # started, no tick finished yet
+    rig.run_for(0.25)
+    assert service_agent.status_due()
+    assert cli.main(["status", "--check"]) == 0
+    assert "alive: last tick" in capsys.readouterr().out
+    service_agent.last_tick_at -= 200                    # ticks keep failing: the report stays fresh
+    rig.clock.now += 2
+    assert service_agent.status_due()
+    assert cli.main(["status", "--check"]) == 1
+    assert "the last tick finished 200s ago" in capsys.readouterr().out
+    monkeypatch.setattr(time, "time", lambda real=time.time: real() + 120)   # ticks stopped 2 min ago
+    assert cli.main(["status", "--check", "--max-age", "1000"]) == 1     # the report itself is stale now
