@@ -1,8 +1,9 @@
 """What the agent owns and where its timers stand, for `plan` and `status`.
 
 The running agent builds this report (Agent.report) and offers it over D-Bus
-and in a runtime file (RUNTIME_DIRECTORY/report.json, rewritten at most once a
-second, never fsynced: it is a view, the change journal is the record). The CLI
+or, while no D-Bus API is offered, in a runtime file (RUNTIME_DIRECTORY/report.json,
+rewritten every 5 s and after every action, never fsynced: it is a view, the
+change journal is the record). The CLI
 reads the agent's report when the agent runs, else builds the same view from
 the change journal. `restore_verdict` is the one place that says what
 `conntrack-agent restore` would do with an owned value.
@@ -17,8 +18,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 REPORT_NAME = "report.json"
 DEFAULT_RUNTIME_DIR = "/run/conntrack-agent"
-# A report older than this is from an agent that stopped or hangs: not trusted.
-STALE_AFTER = 10.0
+# A report older than this is from an agent that stopped or hangs: not trusted (the
+# agent rewrites it every 5 s, service.REPORT_INTERVAL).
+STALE_AFTER = 30.0
 # `restore` does not lower the max below what the table holds with this margin:
 # new connections would be dropped at once.
 RESTORE_MAX_HEADROOM = 0.9

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from conntrack_agent import metrics
+from conntrack_agent import metrics, service
 
 from test_failure_paths import Rig
 
@@ -171,8 +171,17 @@ def test_textfile_written_with_the_status_update_when_its_directory_exists(tmp_p
     assert rig.agent.status_due() and not textdir.exists()      # no directory: nothing, no error
     textdir.mkdir()
     rig.clock.now += 2
+    assert rig.agent.status_due() and not textdir.joinpath("conntrack_agent.prom").exists()   # calm: every 15s
+    rig.clock.now += service.METRICS_CALM_INTERVAL
     assert rig.agent.status_due()
     assert "conntrack_agent_info{version=" in (textdir / "conntrack_agent.prom").read_text()
+    first = (textdir / "conntrack_agent.prom").stat().st_mtime_ns
+    rig.set_count(900)                                            # an action: written at once
+    rig.run_for(0.1, step=0.05)
+    rig.clock.now += 1.0
+    assert rig.agent.status_due()
+    assert (textdir / "conntrack_agent.prom").stat().st_mtime_ns != first
+    assert "raise_max" in (textdir / "conntrack_agent.prom").read_text()
 
 
 def test_status_check_follows_the_age_of_the_last_tick(tmp_path, monkeypatch, capsys):
@@ -191,7 +200,7 @@ def test_status_check_follows_the_age_of_the_last_tick(tmp_path, monkeypatch, ca
     assert cli.main(["status", "--check"]) == 0
     assert "alive: last tick" in capsys.readouterr().out
     service_agent.last_tick_at -= 200                    # ticks keep failing: the report stays fresh
-    rig.clock.now += 2
+    rig.clock.now += service.REPORT_INTERVAL
     assert service_agent.status_due()
     assert cli.main(["status", "--check"]) == 1
     assert "the last tick finished 200s ago" in capsys.readouterr().out
