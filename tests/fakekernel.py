@@ -36,6 +36,9 @@ class Killed(BaseException):
 @dataclass
 class FakeNamespace:
     count: int = 0
+    # Counts the next reads return, one each, before `count` again: a table that
+    # changes between two reads of one tick.
+    script: List[int] = field(default_factory=list)
     counters: Dict[str, int] = field(default_factory=lambda: {"drop": 0, "early_drop": 0, "insert_failed": 0})
     sysctls: Dict[str, int] = field(default_factory=lambda: dict(DEFAULT_TIMEOUTS))
 
@@ -70,7 +73,8 @@ class FakeProbe(Probe):
 
     def read(self, now: Callable[[], float], counters: bool = False) -> model.Reading:
         ns = self.kernel._namespace(self.name, probe=True)
-        return model.Reading(self.name, now(), ns.count, self.kernel.globals["nf_conntrack_max"],
+        count = ns.script.pop(0) if ns.script else ns.count
+        return model.Reading(self.name, now(), count, self.kernel.globals["nf_conntrack_max"],
                              self.kernel.globals["nf_conntrack_buckets"], dict(ns.counters))
 
     def close(self) -> None:
@@ -88,6 +92,7 @@ class FakeKernel(Kernel):
         self.kill_on_write: Optional[Tuple[str, str]] = None
         self.writes: List[Tuple[str, str, int]] = []
         self.evictions: List[Tuple[str, bool]] = []
+        self.probes_opened = 0
 
     # ------------------------------------------------------------------ set-up and injection
 
@@ -144,6 +149,7 @@ class FakeKernel(Kernel):
         self.writes.append((netns_name, name, value))
 
     def open_probe(self, netns_name: str) -> Probe:
+        self.probes_opened += 1
         self._namespace(netns_name)
         return FakeProbe(self, netns_name)
 

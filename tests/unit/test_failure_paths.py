@@ -368,3 +368,36 @@ def test_dry_run_walks_the_same_path_and_writes_nothing(tmp_path):
     assert rig.kernel.writes == [] and not rig.state.exists()
     would = [(k, f["dry_run"]) for k, f in rig.events.items if k in ("set_timeouts", "restore_timeouts")]
     assert would == [("set_timeouts", True), ("restore_timeouts", True)]
+
+
+# ---------------------------------------------------------------------- before acting, and before conntrack
+
+
+def test_the_table_is_read_again_just_before_acting(tmp_path):
+    """A reading that looked like pressure is not acted on if the fresh one says otherwise."""
+    kernel = FakeKernel(maximum=1000)
+    rig = Rig(tmp_path, kernel)
+    rig.write_policy(text=f'[agent]\nstate_file = "{rig.state}"\n')
+    rig.start()
+    kernel.namespaces[""].script = [900, 100]     # the first read says 90%, the fresh one 10%
+    rig.agent.tick()
+    assert kernel.writes == [] and "raise_max" not in rig.events.kinds()
+    kernel.namespaces[""].script = [900, 900]
+    rig.clock.now += 1
+    rig.agent.tick()
+    assert kernel.globals["nf_conntrack_max"] > 1000
+
+
+def test_conntrack_not_loaded_is_logged_once_and_probed_every_5s(tmp_path):
+    kernel = FakeKernel(maximum=1000)
+    kernel.loaded = False
+    rig = Rig(tmp_path, kernel)
+    rig.write_policy()
+    rig.start()
+    rig.run_for(4.5, step=0.5)
+    assert rig.events.kinds().count("conntrack_unavailable") == 1 and "conntrack_available" not in rig.events.kinds()
+    opened = kernel.probes_opened
+    assert opened == 1                              # waits REPROBE_INTERVAL between probes
+    kernel.loaded = True                            # an operator loads it; the agent never does
+    rig.run_for(1.5, step=0.5)
+    assert "conntrack_available" in rig.events.kinds() and kernel.probes_opened == 2
