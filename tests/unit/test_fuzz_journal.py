@@ -22,7 +22,11 @@ from conntrack_agent import journal
 from conntrack_agent.journal import Change, ChangeJournal
 
 SEED = int(os.environ.get("JOURNAL_FUZZ_SEED", "20240611"))
-BUDGET = float(os.environ.get("JOURNAL_FUZZ_SECONDS", "1.0"))   # per test
+# A fixed number of cases, not a time budget: on a loaded machine a time budget
+# silently tests less (or fails a minimum count) for reasons that are not the code's.
+SCALE = float(os.environ.get("JOURNAL_FUZZ_SCALE", "1.0"))
+PARSE_CASES = int(3000 * SCALE)
+FILE_CASES = int(200 * SCALE)
 CASE_LIMIT = 0.5   # seconds: no single small file may take longer
 
 # The schema, written again from the specification rather than imported.
@@ -167,14 +171,11 @@ def random_case(rng: random.Random) -> bytes:
     return mutate_bytes(rng, raw)
 
 
-def cases(seed: int, budget: float) -> Any:
-    """(index, bytes) until the time budget is spent."""
+def cases(seed: int, count: int) -> Any:
+    """(index, bytes), `count` of them, the same for a seed on every machine."""
     rng = random.Random(seed)
-    deadline = time.monotonic() + budget
-    index = 0
-    while time.monotonic() < deadline:
+    for index in range(count):
         yield index, random_case(rng)
-        index += 1
 
 
 def timed(fn: Callable[[], Any], context: str) -> Any:
@@ -191,7 +192,7 @@ def timed(fn: Callable[[], Any], context: str) -> Any:
 def test_fuzz_parse_never_raises_and_keeps_only_valid_records() -> None:
     count = 0
     kinds = {"unusable": 0, "clean": 0, "partial": 0}
-    for index, raw in cases(SEED, BUDGET):
+    for index, raw in cases(SEED, PARSE_CASES):
         context = f"seed {SEED} case {index}: {raw[:120]!r}"
         try:
             parsed = timed(lambda: journal.parse(raw, "state.json"), context)
@@ -209,13 +210,13 @@ def test_fuzz_parse_never_raises_and_keeps_only_valid_records() -> None:
             assert line.isascii() and "\x1b" not in line, context
         count += 1
     # The generator must actually reach every outcome, and in bulk.
-    assert count >= 1000 and all(kinds.values()), f"seed {SEED}: {count} cases, {kinds}"
+    assert all(kinds.values()), f"seed {SEED}: {count} cases, {kinds}"
     print(f"seed {SEED}: {count} cases, {kinds}")
 
 
 def test_fuzz_load_from_files(tmp_path: Path) -> None:
     count = 0
-    for index, raw in cases(SEED + 1, BUDGET):
+    for index, raw in cases(SEED + 1, FILE_CASES):
         state_dir = tmp_path / str(index)
         state_dir.mkdir(mode=0o700)
         path = str(state_dir / "state.json")
@@ -240,5 +241,4 @@ def test_fuzz_load_from_files(tmp_path: Path) -> None:
         j.begin("fz", "nf_conntrack_udp_timeout", "set_timeouts", 30, 10, "fuzz")
         assert ChangeJournal(path).load().dropped == [], context
         count += 1
-    assert count >= 100, f"seed {SEED + 1}: only {count} cases"
     print(f"seed {SEED + 1}: {count} files loaded")
