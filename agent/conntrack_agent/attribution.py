@@ -33,6 +33,7 @@ loop; ``render_top`` draws one frame of the node view (pure, for
 from __future__ import annotations
 
 import errno
+import heapq
 import math
 import os
 import socket
@@ -89,43 +90,53 @@ def state_of(status: int) -> str:
 
 class Tally:
     """Counts over decoded entries (pure). Memory is bounded by the entries added,
-    which the pass bounds by its entry budget."""
+    which the pass bounds by its entry budget. Keys stay raw (bytes, ints) while
+    counting; only the top ones are formatted."""
 
-    __slots__ = ("n", "states", "protocols", "sources", "destinations", "hosts")
+    __slots__ = ("n", "assured", "unreplied", "protocols", "sources", "destinations")
 
     def __init__(self) -> None:
         self.n = 0
-        self.states: Dict[str, int] = dict.fromkeys(STATES, 0)
+        self.assured = 0
+        self.unreplied = 0
         self.protocols: Dict[int, int] = {}
         self.sources: Dict[SourceKey, int] = {}
         self.destinations: Dict[DestKey, int] = {}
-        self.hosts: Dict[DestKey, int] = {}   # the destination address whatever the port
 
     def add(self, e: CtEntry) -> None:
         self.n += 1
         status = e.status
         if status & IPS_ASSURED:
-            self.states["assured"] += 1
+            self.assured += 1
         elif not status & IPS_SEEN_REPLY:
-            self.states["unreplied"] += 1
-        else:
-            self.states["other"] += 1
+            self.unreplied += 1
+        family, proto = e.family, e.proto
         p = self.protocols
-        p[e.proto] = p.get(e.proto, 0) + 1
-        src = (e.family, e.src[:3] if e.family == AF_INET else e.src[:8])
+        p[proto] = p.get(proto, 0) + 1
+        src = (family, e.src[:3] if family == AF_INET else e.src[:8])
         s = self.sources
         s[src] = s.get(src, 0) + 1
-        dst = (e.family, e.proto, e.dst, e.dport)
+        dst = (family, proto, e.dst, e.dport)
         d = self.destinations
         d[dst] = d.get(dst, 0) + 1
-        host = (e.family, e.proto, e.dst, None)
-        h = self.hosts
-        h[host] = h.get(host, 0) + 1
 
     def add_all(self, entries: Iterable[CtEntry]) -> "Tally":
         for e in entries:
             self.add(e)
         return self
+
+    @property
+    def states(self) -> Dict[str, int]:
+        return {"assured": self.assured, "unreplied": self.unreplied,
+                "other": self.n - self.assured - self.unreplied}
+
+    def hosts(self) -> Dict[DestKey, int]:
+        """Destinations whatever the port."""
+        out: Dict[DestKey, int] = {}
+        for (family, proto, addr, _port), n in self.destinations.items():
+            key = (family, proto, addr, None)
+            out[key] = out.get(key, 0) + n
+        return out
 
 
 def format_source(key: SourceKey) -> str:
@@ -151,10 +162,16 @@ def format_destination(key: DestKey) -> str:
     return "%s %s:%d" % (name, text, port)
 
 
+def _order(item: Tuple[tuple, int]) -> tuple:
+    # Most first; ties in address order (IPv4 before IPv6, then by protocol, address,
+    # port), so a frame does not reorder between passes for nothing. None (no port)
+    # sorts before every port.
+    key, n = item
+    return (-n,) + tuple(-1 if k is None else k for k in key)
+
+
 def _top(counts: Mapping, n: int, fmt: Callable) -> List[Tuple[str, int]]:
-    # Ties by the formatted key, so a frame does not reorder between passes for nothing.
-    items = sorted(((fmt(k), v) for k, v in counts.items()), key=lambda kv: (-kv[1], kv[0]))
-    return items[:n]
+    return [(fmt(k), v) for k, v in heapq.nsmallest(n, counts.items(), key=_order)]
 
 
 class Attribution(NamedTuple):
@@ -207,10 +224,10 @@ def _result(tally: Tally, total: int, top: int, expected: Optional[int] = None, 
     return Attribution(
         total=total, expected=total if expected is None else expected, sampled=tally.n, scale=scale,
         complete=complete, closed=closed, seconds=seconds, decode_seconds=decode_seconds,
-        states=dict(tally.states), protocols=protocols,
+        states=tally.states, protocols=protocols,
         sources=_top(tally.sources, top, format_source),
         destinations=_top(tally.destinations, top, format_destination),
-        hosts=_top(tally.hosts, top, format_destination), note=note)
+        hosts=_top(tally.hosts(), top, format_destination), note=note)
 
 
 # --------------------------------------------------------------------------- the pass

@@ -515,9 +515,11 @@ class Discovery:
 
     def poll(self, rescan: bool = False) -> Changes:
         """Apply what changed since the last poll; ``rescan`` also re-reads /run/netns."""
-        _appeared, vanished_names = self.named.rescan() if rescan else self.named.poll()
+        appeared_names, vanished_names = self.named.rescan() if rescan else self.named.poll()
         dev = self.host_key[0]
+        scanned = False
         if self.scan_processes and self.clock() >= self._next_scan:
+            scanned = True
             scan = self.scanner.scan()
             self.last_scan = scan
             # A cut-short scan resumes at the next poll; a completed sweep waits for the interval.
@@ -527,6 +529,10 @@ class Discovery:
             else:
                 for inode, pid in scan.found.items():
                     self._pids.setdefault(inode, pid)
+        if not (scanned or appeared_names or vanished_names) and self.namespaces:
+            # Nothing happened (the fd woke the loop for an event that changed nothing,
+            # or a re-check found a name still unmounted): the view stands.
+            return Changes([], [], [])
         # A name went: its namespace lives on (unnamed) only if a process still holds it,
         # one readlink to know without waiting for the next sweep.
         for key in set(vanished_names.values()):

@@ -53,10 +53,13 @@ def test_state_mix_protocols_and_prefixes():
     assert a.hosts[:2] == [("udp 10.96.0.10", 6), ("tcp 10.96.0.1", 4)]
 
 
-def test_top_is_cut_and_ties_break_by_name():
-    entries = [entry("10.0.%d.1" % i, "1.1.1.1") for i in (5, 3, 4)] + [entry("10.0.9.1", "1.1.1.1")] * 2
+def test_top_is_cut_and_ties_break_in_address_order():
+    entries = [entry("10.0.%d.1" % i, "1.1.1.1") for i in (10, 5, 9)] + [entry("10.0.200.1", "1.1.1.1")] * 2
     a = A.aggregate(entries, top=3)
-    assert a.sources == [("10.0.9.0/24", 2), ("10.0.3.0/24", 1), ("10.0.4.0/24", 1)]
+    assert a.sources == [("10.0.200.0/24", 2), ("10.0.5.0/24", 1), ("10.0.9.0/24", 1)]
+    ports = [entry("10.0.0.1", "1.1.1.1", dport=p) for p in (1000, 53, 200)]
+    assert [k for k, _ in A.aggregate(ports).destinations] == [
+        "udp 1.1.1.1:53", "udp 1.1.1.1:200", "udp 1.1.1.1:1000"]
 
 
 def test_a_sample_scales_to_the_table():
