@@ -208,15 +208,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     logsetup.configure(args.log_format or policy.agent.log_format)
     agent = service.Agent(args.config, args.dry_run, logsetup.get_logger(), initial=policy)
-    notifier = _notifier()
-    if not args.once and not args.no_dbus:
-        try:
-            from . import mainloop
-        except ImportError:
-            mainloop = None
-        if mainloop is not None:
-            return mainloop.run(agent, notifier)
-    return service.run_simple(agent, notifier, once=args.once)
+    from . import mainloop
+
+    return mainloop.run(agent, _notifier(), once=args.once, use_bus=not args.no_dbus)
 
 
 def _notifier() -> Any:

@@ -1,7 +1,7 @@
 """The D-Bus API and the GLib main loop under it: the only module importing gi and pydbus.
 
 Importing this module fails with ImportError when PyGObject or pydbus is
-missing; mainloop.py then runs the plain loop without a bus.
+missing; mainloop.py then runs its select() loop without a bus.
 
 The API is deliberately small (compare org.freedesktop.oom1): read-only
 properties for what `conntrack-agent status` shows, Reload and Evaluate, and a
@@ -250,38 +250,65 @@ def _lost(agent: Any, obj: AgentObject, on_lost: Callable[[], None]) -> None:
 # ------------------------------------------------------------------ the main loop
 
 
-class Loop:
-    """The GLib main loop: timers, UNIX signals and the bus, all in this one thread."""
+class GLibLoop:
+    """mainloop's loop interface on GLib's main loop: timers, UNIX signals and the
+    bus, all in this one thread. A callback that raises goes to on_error, and its
+    timer or signal source stays (PyGObject would otherwise treat the exception as
+    "remove this source": a reload that raised once would leave the next SIGHUP to
+    its default action, death)."""
 
     def __init__(self) -> None:
+        from .mainloop import print_exception
+
         self._loop = GLib.MainLoop()
+        self._signal_sources: List[int] = []
+        self.on_error: Callable[[BaseException], None] = print_exception
+
+    def _call(self, callback: Callable[..., None], *args: Any) -> None:
+        try:
+            callback(*args)
+        except Exception as exc:  # noqa: BLE001 - the loop outlives a broken callback
+            self.on_error(exc)
 
     def call_later(self, seconds: float, callback: Callable[[], None]) -> int:
         def once() -> bool:
-            callback()
+            self._call(callback)
             return False
-        return GLib.timeout_add(max(0, int(seconds * 1000)), once)
+        return GLib.timeout_add(max(0, int(seconds * 1000)), once, priority=GLib.PRIORITY_DEFAULT)
 
     def every(self, seconds: float, callback: Callable[[], None]) -> int:
         def repeat() -> bool:
-            callback()
+            self._call(callback)
             return True
-        return GLib.timeout_add(max(1, int(seconds * 1000)), repeat)
+        return GLib.timeout_add(max(1, int(seconds * 1000)), repeat, priority=GLib.PRIORITY_DEFAULT)
 
     def on_signal(self, signum: int, callback: Callable[[int], None]) -> int:
         def handler() -> bool:
-            callback(signum)
+            self._call(callback, signum)
             return True
-        return GLib.unix_signal_add(GLib.PRIORITY_HIGH, signal.Signals(signum), handler)
+        source = GLib.unix_signal_add(GLib.PRIORITY_HIGH, signal.Signals(signum), handler)
+        self._signal_sources.append(source)
+        return source
 
     def cancel(self, source_id: int) -> None:
-        GLib.source_remove(source_id)
+        # A one-shot source is gone once it ran; removing it again would be a
+        # GLib-CRITICAL warning on stderr.
+        source = GLib.MainContext.default().find_source_by_id(source_id)
+        if source is not None and not source.is_destroyed():
+            source.destroy()
 
     def run(self) -> None:
         self._loop.run()
 
     def quit(self) -> None:
         self._loop.quit()
+
+    def close(self) -> None:
+        """Give the signals back: GLib restores their default action once no
+        source watches them."""
+        for source_id in self._signal_sources:
+            self.cancel(source_id)
+        self._signal_sources.clear()
 
 
 # ------------------------------------------------------------------ the client side
