@@ -13,8 +13,9 @@ The Supervisor owns everything between the agent and systemd:
   the agent: the running policy stays, the error is logged, READY=1 still goes out;
 - SIGTERM/SIGINT: STOPPING=1, then a clean exit (status 0);
 - --once: start, READY=1, one tick, exit;
-- the D-Bus API (dbus_service.py) when the GLib backend runs: published, and
-  re-published when the bus comes back.
+- the D-Bus API (dbus_service.py) when the GLib backend runs: published (and
+  re-published when the bus comes back), its cached property values invalidated
+  after every tick and reload.
 
 The loop itself is a small interface (call_later, cancel, every, on_signal, run,
 quit, close) with two backends: dbus_service.GLibLoop (the only gi importer, and
@@ -186,6 +187,12 @@ class Supervisor:
         _log(self.agent.log, "dbus_method_failed", f"D-Bus {method}() failed: {type(exc).__name__}: {exc}",
              method=method, error=f"{type(exc).__name__}: {exc}", exc_info=exc)
 
+    def _agent_changed(self) -> None:
+        """The bus answers property reads from values built at most once per tick;
+        after a tick or a reload they are stale."""
+        if self.published is not None:
+            self.published.invalidate()
+
     # ------------------------------------------------------------------ reactions
 
     def tick(self) -> None:
@@ -202,9 +209,12 @@ class Supervisor:
                 self._tick_source = self.loop.call_later(delay, self.tick)
 
     def _tick_step(self) -> float:
-        delay = self.agent.tick()
-        if self.agent.status_due():
-            self.notifier.status(self.agent.status_line())
+        try:
+            delay = self.agent.tick()
+            if self.agent.status_due():
+                self.notifier.status(self.agent.status_line())
+        finally:
+            self._agent_changed()
         self.failing_since = None
         return delay
 
@@ -237,6 +247,7 @@ class Supervisor:
             policy = getattr(self.agent, "policy_label", "?")
             _log(self.agent.log, "reload_failed", error=f"{type(exc).__name__}: {exc}", policy=policy,
                  exc_info=exc)
+        self._agent_changed()
         self.notifier.status(self._status_line())
         self.notifier.ready()
         return ok

@@ -116,6 +116,10 @@ class FakePublished:
     def __init__(self, on_lost: Callable[[], None]) -> None:
         self.on_lost = on_lost
         self.closed = False
+        self.invalidations = 0
+
+    def invalidate(self) -> None:
+        self.invalidations += 1
 
     def close(self) -> None:
         self.closed = True
@@ -219,12 +223,13 @@ def test_ready_after_start_then_ticks_rearm_with_the_returned_delay() -> None:
     assert notifier.sent[-1] == "STOPPING"
     assert agent.calls[-1] == "stop:SIGTERM"
     assert bus.published[0].closed
+    assert bus.published[0].invalidations == len(agent.ticks)   # the bus's cached values, after every tick
     assert not any(t for t in loop.timers if t[2] == sup.tick)  # the pending tick was cancelled
     assert loop.closed
 
 
 def test_sighup_reloads_between_reloading_and_ready() -> None:
-    sup, loop, agent, notifier, _ = _virtual(FakeAgent(reload_ok=False))
+    sup, loop, agent, notifier, bus = _virtual(FakeAgent(reload_ok=False))
     _signal(loop, 1.0, signal.SIGHUP)
     _signal(loop, 2.0, signal.SIGINT)
     assert sup.run() == mainloop.EXIT_OK
@@ -232,6 +237,8 @@ def test_sighup_reloads_between_reloading_and_ready() -> None:
     i = notifier.sent.index("RELOADING")
     assert notifier.sent[i + 1].startswith("STATUS=") and notifier.sent[i + 2] == "READY"
     assert agent.calls[-1] == "stop:SIGINT"
+    ticks_before = sum(1 for t in agent.ticks if t <= 1.0)
+    assert bus.published[0].invalidations == len(agent.ticks) + 1 > ticks_before  # and after the reload
 
 
 def test_watchdog_pings_until_ticks_fail_for_a_whole_period() -> None:
