@@ -214,18 +214,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                       error=str(exc), errors=[str(p) for p in exc.problems])
         return EXIT_CONFIG
     logsetup.configure(args.log_format or policy.agent.log_format)
-    from . import report
+    from . import mainloop, report
+
     agent = service.Agent(args.config, args.dry_run, logsetup.get_logger(), initial=policy,
                           report_path=_runtime_report_path(report.runtime_path()))
-    notifier = _notifier()
-    if not args.once and not args.no_dbus:
-        try:
-            from . import mainloop
-        except ImportError:
-            mainloop = None
-        if mainloop is not None:
-            return mainloop.run(agent, notifier)
-    return service.run_simple(agent, notifier, once=args.once)
+    return mainloop.run(agent, _notifier(), once=args.once, use_bus=not args.no_dbus)
 
 
 def _runtime_report_path(path: str) -> Optional[str]:

@@ -1,43 +1,75 @@
 """The D-Bus API and the GLib main loop under it: the only module importing gi and pydbus.
 
 Importing this module fails with ImportError when PyGObject or pydbus is
-missing; mainloop.py then runs the plain loop without a bus.
+missing; mainloop.py then runs its select() loop without a bus.
 
 The API is deliberately small (compare org.freedesktop.oom1): read-only
 properties for what `conntrack-agent status` shows, Reload and Evaluate, and a
 Decision signal. Bus name, path and interface are versioned by the trailing "1"
 and never change meaning; a breaking change gets a "2".
 
-Access: systemd/io.github.conntrack_agent1.conf lets anyone read properties and
-introspect, and only root call methods. The methods check the caller's uid
-again themselves, because a bus policy is one admin edit away from being wrong,
-and a reload or an evaluation run on behalf of anyone would let any local user
-make the agent touch the kernel.
+Access: systemd/io.github.conntrack_agent1.conf lets root and the adm group read
+properties, anyone introspect, and only root call methods. The methods check the
+caller's uid again themselves, because a bus policy is one admin edit away from
+being wrong, and a reload or an evaluation run on behalf of anyone would let any
+local user make the agent touch the kernel.
+
+Cost per call: the bus's work runs in the agent's one thread, between ticks, so
+it must be small and must not come first. Property reads are answered from
+GLib.Variants built at most once per tick (on the first read after it; nothing
+when nobody reads), with no Python beyond picking the cached reply; the object
+is registered with Gio directly rather than through pydbus's per-call wrapper
+(which inspects the method's signature and builds every Variant on each call).
+The loop's timers run at a higher GLib priority than the bus's dispatch, so a
+due tick goes before queued calls. Measured in systemd/README.md.
 """
 
 from __future__ import annotations
 
-import logging
 import signal
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pydbus
 from gi.repository import Gio, GLib
-from pydbus.generic import signal as dbus_signal
 
 BUS_NAME = "io.github.conntrack_agent1"
 OBJECT_PATH = "/io/github/conntrack_agent1"
 INTERFACE = "io.github.conntrack_agent1.Agent"
 ERROR_PREFIX = "io.github.conntrack_agent1.Error."
+PROPERTIES_INTERFACE = "org.freedesktop.DBus.Properties"
 
 # Milliseconds to wait for the bus daemon (uid look-up) or for the agent (status):
 # the agent answers from memory, so anything slower means it is stuck.
 CALL_TIMEOUT_MS = 2000
 
+# GDBus dispatches each incoming call as its own source at G_PRIORITY_DEFAULT.
+# The loop's timers (the tick, the watchdog) run above it: when a tick is due, the
+# next loop iteration runs the tick alone instead of the calls queued meanwhile.
+TIMER_PRIORITY = GLib.PRIORITY_HIGH
+
 # Read-only properties: name, D-Bus type. TimeToFull is seconds until full at
 # the current fill rate, -1 when not filling (D-Bus has no null).
 PROPERTIES = (("Count", "t"), ("Max", "t"), ("Buckets", "t"), ("Usage", "d"), ("FillRate", "d"),
               ("TimeToFull", "d"), ("LastDecision", "s"), ("PolicyPath", "s"), ("DryRun", "b"))
+
+
+def _uint(value: Any) -> int:
+    return max(0, int(value))
+
+
+# Where each property's value comes from: key of agent.snapshot(), conversion,
+# value when the snapshot has none.
+SOURCES: Dict[str, Tuple[str, Callable[[Any], Any], Any]] = {
+    "Count": ("count", _uint, 0),
+    "Max": ("max", _uint, 0),
+    "Buckets": ("buckets", _uint, 0),
+    "Usage": ("usage", float, 0.0),
+    "FillRate": ("fill_rate", float, 0.0),
+    "TimeToFull": ("time_to_full", float, -1.0),
+    "LastDecision": ("last_decision", str, ""),
+    "PolicyPath": ("policy_path", str, ""),
+    "DryRun": ("dry_run", bool, False),
+}
 
 # EmitsChangedSignal=false: the numbers change every tick (up to 20 times a second);
 # announcing each change would flood the bus. Readers poll, or listen to Decision.
@@ -51,8 +83,8 @@ INTROSPECTION = """
 <node>
   <interface name="io.github.conntrack_agent1.Agent">
 """ + "".join(_PROPERTY_XML.format(name, kind) for name, kind in PROPERTIES) + """\
-    <!-- re-read and validate the policy; on an invalid policy the running one stays
-         and the error is io.github.conntrack_agent1.Error.PolicyInvalid -->
+    <!-- re-read and validate the policy; when it is not loaded (invalid, unreadable)
+         the running one stays and the error is io.github.conntrack_agent1.Error.PolicyInvalid -->
     <method name="Reload"/>
     <!-- what the agent would do now, one line per decision, without acting -->
     <method name="Evaluate">
@@ -76,8 +108,8 @@ INTROSPECTION = """
 
 # ------------------------------------------------------------------ errors
 
-# pydbus returns an exception to the caller as a D-Bus error named after the
-# exception's class when that name contains a dot: these classes carry the names.
+# An error's class name is its D-Bus error name: the dispatcher replies with
+# type(exc).__name__, so a test or a caller sees exactly what goes on the wire.
 class DBusError(Exception):
     pass
 
@@ -89,33 +121,21 @@ def _error(name: str) -> type:
 AccessDenied = _error("org.freedesktop.DBus.Error.AccessDenied")
 PolicyInvalid = _error(ERROR_PREFIX + "PolicyInvalid")
 Failed = _error("org.freedesktop.DBus.Error.Failed")
-
-
-def _quiet_pydbus() -> None:
-    # pydbus logs a traceback for every error it returns, denied callers included.
-    # The agent logs what matters itself (internal errors, in the journal's format).
-    logging.getLogger("pydbus.registration").disabled = True
+UnknownMethod = _error("org.freedesktop.DBus.Error.UnknownMethod")
 
 
 # ------------------------------------------------------------------ the exported object
 
 
-def _uint(value: Any) -> int:
-    return max(0, int(value))
-
-
-def _snapshot_property(key: str, convert: Callable[[Any], Any], default: Any = 0) -> property:
-    def get(self: "AgentObject") -> Any:
-        value = self._snapshot().get(key)
-        return default if value is None else convert(value)
-    return property(get)
-
-
 class AgentObject:
-    """What the bus sees of the agent. Properties read agent.snapshot() on demand."""
+    """What the bus sees of the agent.
 
-    dbus = INTROSPECTION
-    Decision = dbus_signal()
+    Property values come from agent.snapshot(), taken at most once between two
+    invalidate() calls (the supervisor invalidates after every tick and reload),
+    and kept both as Python values (the properties below) and as the ready-made
+    replies to Properties.Get and GetAll. A call then costs the agent nothing but
+    the dispatch: a flood of reads cannot make the agent sample, format or build
+    anything."""
 
     def __init__(self, agent: Any, reload: Callable[[], bool], caller_uid: Callable[[str], int],
                  log_failure: Callable[[str, BaseException], None]) -> None:
@@ -123,38 +143,99 @@ class AgentObject:
         self._reload = reload
         self._caller_uid = caller_uid
         self._log_failure = log_failure
+        self._values: Optional[Dict[str, Any]] = None
+        self._replies: Optional[Tuple[Any, Dict[str, Any]]] = None
+        self._snapshot_error: Optional[str] = None
 
-    def _snapshot(self) -> Dict[str, Any]:
-        return self._agent.snapshot()
+    def invalidate(self) -> None:
+        self._values = None
+        self._replies = None
+        self._snapshot_error = None
 
-    # Each property reads one key of agent.snapshot(); the D-Bus types (PROPERTIES)
-    # have no null, hence the defaults.
-    Count = _snapshot_property("count", _uint)
-    Max = _snapshot_property("max", _uint)
-    Buckets = _snapshot_property("buckets", _uint)
-    Usage = _snapshot_property("usage", float, 0.0)
-    FillRate = _snapshot_property("fill_rate", float, 0.0)
-    TimeToFull = _snapshot_property("time_to_full", float, -1.0)
-    LastDecision = _snapshot_property("last_decision", str, "")
-    PolicyPath = _snapshot_property("policy_path", str, "")
-    DryRun = _snapshot_property("dry_run", bool, False)
+    def values(self) -> Dict[str, Any]:
+        """The properties' values (D-Bus types have no null, hence the defaults)."""
+        if self._values is None:
+            if self._snapshot_error is not None:
+                raise Failed(self._snapshot_error)
+            try:
+                snapshot = self._agent.snapshot()
+                self._values = {}
+                for name, _ in PROPERTIES:
+                    key, convert, default = SOURCES[name]
+                    self._values[name] = default if snapshot.get(key) is None else convert(snapshot[key])
+            except Exception as exc:  # noqa: BLE001 - a bug in the agent, not the caller's fault
+                # Logged once per tick, not once per read: readers may poll fast.
+                self._snapshot_error = f"the agent's readings are unavailable: {type(exc).__name__}: {exc}"
+                self._log_failure("Properties", exc)
+                raise Failed(self._snapshot_error) from None
+        return self._values
+
+    def replies(self) -> Tuple[Any, Dict[str, Any]]:
+        """(GetAll's reply, {property: Get's reply}), built with values()."""
+        if self._replies is None:
+            values = self.values()
+            variants = {name: GLib.Variant(kind, values[name]) for name, kind in PROPERTIES}
+            self._replies = (GLib.Variant("(a{sv})", (variants,)),
+                             {name: GLib.Variant("(v)", (variant,)) for name, variant in variants.items()})
+        return self._replies
+
+    Count = property(lambda self: self.values()["Count"])
+    Max = property(lambda self: self.values()["Max"])
+    Buckets = property(lambda self: self.values()["Buckets"])
+    Usage = property(lambda self: self.values()["Usage"])
+    FillRate = property(lambda self: self.values()["FillRate"])
+    TimeToFull = property(lambda self: self.values()["TimeToFull"])
+    LastDecision = property(lambda self: self.values()["LastDecision"])
+    PolicyPath = property(lambda self: self.values()["PolicyPath"])
+    DryRun = property(lambda self: self.values()["DryRun"])
+
+    # dispatch ------------------------------------------------------------------
+
+    def call(self, sender: Optional[str], interface: str, method: str, args: Tuple[Any, ...]) -> Any:
+        """One call, as GDBus hands it over (it has already checked the interface,
+        the property names and readability, and the argument types against
+        INTROSPECTION). Returns the reply's GLib.Variant or None; raises DBusError."""
+        if interface == PROPERTIES_INTERFACE:
+            getall, get = self.replies()
+            if method == "GetAll":
+                return getall
+            if method == "Get" and args[1] in get:
+                return get[args[1]]
+        elif interface == INTERFACE:
+            if method == "Reload":
+                self.Reload(sender)
+                return None
+            if method == "Evaluate":
+                return GLib.Variant("(as)", (self.Evaluate(sender),))
+        raise UnknownMethod(f"{interface}.{method} is not implemented")
+
+    def handle_call(self, _connection: Any, sender: str, _path: str, interface: str, method: str,
+                    parameters: Any, invocation: Any) -> None:
+        try:
+            reply = self.call(sender, interface, method, tuple(parameters.unpack()) if parameters else ())
+        except DBusError as exc:
+            invocation.return_dbus_error(type(exc).__name__, str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - the caller gets an error, never silence
+            self._log_failure(method, exc)
+            invocation.return_dbus_error(Failed.__name__, f"{method} failed: {type(exc).__name__}: {exc}")
+            return
+        invocation.return_value(reply)
 
     # methods -----------------------------------------------------------------
 
-    def Reload(self, dbus_context: Any = None) -> None:
-        self._require_root(dbus_context, "Reload")
-        ok = self._guarded("Reload", self._reload)
-        if not ok:
-            raise PolicyInvalid("the policy is invalid; the running policy stays in force "
-                                "(the errors are in `journalctl -u conntrack-agent -p err`)")
+    def Reload(self, sender: Optional[str]) -> None:  # noqa: N802 - the D-Bus member's name
+        self._require_root(sender, "Reload")
+        if not self._guarded("Reload", self._reload):
+            raise PolicyInvalid("the policy was not loaded; the running policy stays in force "
+                                "(the reason is in `journalctl -u conntrack-agent -p err`)")
 
-    def Evaluate(self, dbus_context: Any = None) -> List[str]:
-        self._require_root(dbus_context, "Evaluate")
+    def Evaluate(self, sender: Optional[str]) -> List[str]:  # noqa: N802
+        self._require_root(sender, "Evaluate")
         decisions = self._guarded("Evaluate", self._agent.evaluate)
         return [describe(d) for d in decisions] or ["nothing to do: no rule's trigger holds"]
 
-    def _require_root(self, context: Any, method: str) -> None:
-        sender = getattr(context, "sender", None)
+    def _require_root(self, sender: Optional[str], method: str) -> None:
         if not sender:
             raise AccessDenied(f"{method}: the caller cannot be identified")
         try:
@@ -166,7 +247,8 @@ class AgentObject:
 
     def _guarded(self, method: str, call: Callable[[], Any]) -> Any:
         """Internal errors become org.freedesktop.DBus.Error.Failed with a one-line
-        message; the traceback goes to the agent's log, not to the caller."""
+        message; the traceback goes to the agent's log (dbus_method_failed, its
+        EXCEPTION field in the journal), not to the caller."""
         try:
             return call()
         except DBusError:
@@ -175,12 +257,12 @@ class AgentObject:
             self._log_failure(method, exc)
             raise Failed(f"{method} failed: {type(exc).__name__}: {exc}") from None
 
-    def emit_decision(self, decision: Any) -> None:
-        self.Decision(
+    def decision_signal(self, decision: Any) -> Any:
+        return GLib.Variant("(sssbxxs)", (
             str(decision.kind), str(decision.rule or ""), str(decision.netns or ""), bool(decision.dry_run),
             -1 if decision.old is None else int(decision.old),
             -1 if decision.new is None else int(decision.new),
-            str(decision.reason or ""))
+            str(decision.reason or "")))
 
 
 def describe(decision: Any) -> str:
@@ -192,29 +274,40 @@ def describe(decision: Any) -> str:
 
 
 class Published:
-    """The agent on the system bus; close() takes it off."""
+    """The agent on the system bus; invalidate() after the agent changed, close()
+    takes it off."""
 
-    def __init__(self, bus: Any, registration: Any, owner: Any, obj: AgentObject, closed_handler: int) -> None:
-        self.bus = bus
+    def __init__(self, connection: Any, registration: int, owner: Any, obj: AgentObject,
+                 closed_handler: int, listener: Callable[[Any], None], agent: Any) -> None:
+        self.connection = connection
         self.obj = obj
         self._registration = registration
         self._owner = owner
         self._closed_handler = closed_handler
+        self._listener = listener
+        self._agent = agent
+
+    def invalidate(self) -> None:
+        self.obj.invalidate()
 
     def close(self) -> None:
-        self.bus.con.disconnect(self._closed_handler)
-        for handle in (self._owner, self._registration):
-            try:
-                handle.__exit__(None, None, None)
-            except Exception:  # noqa: BLE001 - the bus may be gone already
-                pass
+        if self._listener in self._agent.decision_listeners:
+            self._agent.decision_listeners.remove(self._listener)
+        self.connection.disconnect(self._closed_handler)
+        try:
+            self._owner.__exit__(None, None, None)
+        except Exception:  # noqa: BLE001 - the bus may be gone already
+            pass
+        try:
+            self.connection.unregister_object(self._registration)
+        except Exception:  # noqa: BLE001 - likewise
+            pass
 
 
 def publish(agent: Any, reload: Callable[[], bool], log_failure: Callable[[str, BaseException], None],
             on_lost: Callable[[], None]) -> Published:
     """Export the agent and own BUS_NAME. Raises OSError-like errors (GLib.Error,
     RuntimeError) when there is no system bus or the name is taken."""
-    _quiet_pydbus()
     bus = pydbus.SystemBus()
     connection = bus.con
     # GLib's shared bus connection raises SIGTERM in the process when the bus
@@ -229,59 +322,93 @@ def publish(agent: Any, reload: Callable[[], bool], log_failure: Callable[[str, 
         return int(reply.unpack()[0])
 
     obj = AgentObject(agent, reload, caller_uid, log_failure)
-    registration = bus.register_object(OBJECT_PATH, obj, None)
+    interface = Gio.DBusNodeInfo.new_for_xml(INTROSPECTION).interfaces[0]
+    # Calls are dispatched in the main context (the thread-default one here), by
+    # this one Python function; GDBus itself answers Introspect and Peer.Ping.
+    registration = connection.register_object(OBJECT_PATH, interface, obj.handle_call, None, None)
     try:
         # No replacement: a second agent must not silently take over the API.
         owner = bus.request_name(BUS_NAME, allow_replacement=False, replace=False)
     except Exception:
-        registration.__exit__(None, None, None)
+        connection.unregister_object(registration)
         raise
-    agent.decision_listeners.append(obj.emit_decision)
-    handler = connection.connect("closed", lambda *_: _lost(agent, obj, on_lost))
-    return Published(bus, registration, owner, obj, handler)
 
+    def emit(decision: Any) -> None:
+        connection.emit_signal(None, OBJECT_PATH, INTERFACE, "Decision", obj.decision_signal(decision))
 
-def _lost(agent: Any, obj: AgentObject, on_lost: Callable[[], None]) -> None:
-    if obj.emit_decision in agent.decision_listeners:
-        agent.decision_listeners.remove(obj.emit_decision)
-    on_lost()
+    agent.decision_listeners.append(emit)
+
+    def closed(*_: Any) -> None:
+        if emit in agent.decision_listeners:
+            agent.decision_listeners.remove(emit)
+        on_lost()
+
+    handler = connection.connect("closed", closed)
+    return Published(connection, registration, owner, obj, handler, emit, agent)
 
 
 # ------------------------------------------------------------------ the main loop
 
 
-class Loop:
-    """The GLib main loop: timers, UNIX signals and the bus, all in this one thread."""
+class GLibLoop:
+    """mainloop's loop interface on GLib's main loop: timers, UNIX signals and the
+    bus, all in this one thread. A callback that raises goes to on_error, and its
+    timer or signal source stays (PyGObject would otherwise treat the exception as
+    "remove this source": a reload that raised once would leave the next SIGHUP to
+    its default action, death)."""
 
     def __init__(self) -> None:
+        from .mainloop import print_exception
+
         self._loop = GLib.MainLoop()
+        self._signal_sources: List[int] = []
+        self.on_error: Callable[[BaseException], None] = print_exception
+
+    def _call(self, callback: Callable[..., None], *args: Any) -> None:
+        try:
+            callback(*args)
+        except Exception as exc:  # noqa: BLE001 - the loop outlives a broken callback
+            self.on_error(exc)
 
     def call_later(self, seconds: float, callback: Callable[[], None]) -> int:
         def once() -> bool:
-            callback()
+            self._call(callback)
             return False
-        return GLib.timeout_add(max(0, int(seconds * 1000)), once)
+        return GLib.timeout_add(max(0, int(seconds * 1000)), once, priority=TIMER_PRIORITY)
 
     def every(self, seconds: float, callback: Callable[[], None]) -> int:
         def repeat() -> bool:
-            callback()
+            self._call(callback)
             return True
-        return GLib.timeout_add(max(1, int(seconds * 1000)), repeat)
+        return GLib.timeout_add(max(1, int(seconds * 1000)), repeat, priority=TIMER_PRIORITY)
 
     def on_signal(self, signum: int, callback: Callable[[int], None]) -> int:
         def handler() -> bool:
-            callback(signum)
+            self._call(callback, signum)
             return True
-        return GLib.unix_signal_add(GLib.PRIORITY_HIGH, signal.Signals(signum), handler)
+        source = GLib.unix_signal_add(GLib.PRIORITY_HIGH, signal.Signals(signum), handler)
+        self._signal_sources.append(source)
+        return source
 
     def cancel(self, source_id: int) -> None:
-        GLib.source_remove(source_id)
+        # A one-shot source is gone once it ran; removing it again would be a
+        # GLib-CRITICAL warning on stderr.
+        source = GLib.MainContext.default().find_source_by_id(source_id)
+        if source is not None and not source.is_destroyed():
+            source.destroy()
 
     def run(self) -> None:
         self._loop.run()
 
     def quit(self) -> None:
         self._loop.quit()
+
+    def close(self) -> None:
+        """Give the signals back: GLib restores their default action once no
+        source watches them."""
+        for source_id in self._signal_sources:
+            self.cancel(source_id)
+        self._signal_sources.clear()
 
 
 # ------------------------------------------------------------------ the client side

@@ -67,6 +67,12 @@ EVENTS: Dict[str, EventKind] = {
                                      "without it and says so once"),
     "restore_skipped": EventKind("77c1d2a9e5b04f3c8a6d9e2f1b0c4a57", WARNING,
                                  "not restoring {name} in {netns_label}: {reason}"),
+    "reload_failed": EventKind("ddc94c70b5a745078fe0e2ff665e9234", ERR,
+                               "reload failed: {error}; keeping the running policy ({policy})"),
+    "start_failed": EventKind("a68478a0e16c4c6881e37595000933ca", ERR,
+                              "conntrack-agent failed to start: {error}; exit status {exit_status}, {consequence}"),
+    "internal_error": EventKind("ef7a5cbbe24a44d997ccc42e302d20db", ERR,
+                                "internal error in the main loop: {error}; the agent carries on"),
 }
 
 def register(name: str, kind: EventKind) -> None:

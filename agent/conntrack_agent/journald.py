@@ -63,9 +63,9 @@ FIELDS = {
 # Keys that are not fields of their own: structlog's bookkeeping, timestamps
 # (journald stamps each entry itself), and what logsetup.emit precomputed
 # (message, priority, message_id) and this module sends as MESSAGE, PRIORITY
-# and MESSAGE_ID.
+# and MESSAGE_ID; the traceback (exception, or exc_info) is sent as EXCEPTION.
 _SKIP = frozenset({"timestamp", "level", "logger", "logger_name", "_record", "_from_structlog",
-                   "exc_info", "stack_info", "event", "message", "priority", "message_id", "ts"})
+                   "exc_info", "exception", "stack_info", "event", "message", "priority", "message_id", "ts"})
 
 # Fields this module sets; an event field of the same name gets the CT_ prefix
 # instead of overwriting them (journald treats PRIORITY, MESSAGE_ID... specially).
@@ -164,7 +164,7 @@ def entry_fields(method_name: str, event_dict: Mapping[str, Any]) -> Fields:
         fields += [("MESSAGE_ID", known.message_id), ("EVENT", kind)]
         if events.has_verb(kind) and "action" not in event_dict:
             fields.append(("ACTION", kind))
-    exception = event_dict.get("exception") or _format_exc_info(event_dict.get("exc_info"))
+    exception = event_dict.get("exception") or format_exc_info(event_dict.get("exc_info"))
     if exception:
         fields.append(("EXCEPTION", str(exception)))
 
@@ -188,8 +188,10 @@ def entry_fields(method_name: str, event_dict: Mapping[str, Any]) -> Fields:
     return fields
 
 
-def _format_exc_info(exc_info: Any) -> Optional[str]:
-    """log.exception() without structlog's format_exc_info earlier in the chain."""
+def format_exc_info(exc_info: Any) -> Optional[str]:
+    """The traceback text of an exception, an exc_info tuple, or True (the exception
+    being handled); None when there is none. logsetup renders every sink's
+    tracebacks with this, so the journal and a terminal show the same text."""
     if not exc_info:
         return None
     if isinstance(exc_info, BaseException):

@@ -17,6 +17,7 @@ from typing import Any, Dict, Optional, TextIO
 import structlog
 
 from . import events
+from .journald import format_exc_info
 
 # syslog priority -> stdlib level that structlog filters on
 _LEVEL = {events.ERR: logging.ERROR, events.WARNING: logging.WARNING,
@@ -37,7 +38,10 @@ def _console_renderer(stream: TextIO):
         name = _PRIORITY_NAME.get(priority, "info")
         level = f"{tint[priority]}{name:<7}\033[0m" if colour and priority in tint else f"{name:<7}"
         extras = " ".join(f"{k}={_short(event[k])}" for k in _CONSOLE_FIELDS if event.get(k) not in (None, ""))
-        return f"{stamp} {level} {event.get('message', event.get('event'))}" + (f"  [{extras}]" if extras else "")
+        line = f"{stamp} {level} {event.get('message', event.get('event'))}" + (f"  [{extras}]" if extras else "")
+        if event.get("exception"):
+            line += "\n" + "\n".join("    " + text for text in str(event["exception"]).splitlines())
+        return line
     return render
 
 
@@ -56,8 +60,23 @@ def _stamp(_logger: Any, _name: str, event: Dict[str, Any]) -> Dict[str, Any]:
     return event
 
 
-def configure(log_format: str = "auto", stream: Optional[TextIO] = None, verbose: bool = False) -> str:
-    """Set up the chain; returns the format chosen ("console", "json" or "journal")."""
+def _exception(_logger: Any, _name: str, event: Dict[str, Any]) -> Dict[str, Any]:
+    """exc_info (an exception object) becomes `exception`, the traceback as text,
+    which every sink shows: indented under the console line, a JSON string, the
+    journal's EXCEPTION field. Left as an object, JSON would show only str(exc)
+    and the console nothing."""
+    exc_info = event.pop("exc_info", None)
+    if exc_info and not event.get("exception"):
+        text = format_exc_info(exc_info)
+        if text:
+            event["exception"] = text
+    return event
+
+
+def configure(log_format: str = "auto", stream: Optional[TextIO] = None, verbose: bool = False,
+              journal_socket: Optional[str] = None) -> str:
+    """Set up the chain; returns the format chosen ("console", "json" or "journal").
+    `journal_socket`: another path than journald's (the tests' stand-in)."""
     stream = stream or sys.stderr
     chosen = log_format
     if log_format in ("auto", "journal"):
@@ -70,13 +89,13 @@ def configure(log_format: str = "auto", stream: Optional[TextIO] = None, verbose
             chosen = "journal"
     if chosen == "journal":
         from . import journald
-        renderer = journald.journal_processor()
+        renderer = journald.journal_processor(journald.JournalSink(journal_socket) if journal_socket else None)
     elif chosen == "console":
         renderer = _console_renderer(stream)
     else:
         renderer = _json_renderer
     structlog.configure(
-        processors=[_stamp, renderer],
+        processors=[_stamp, _exception, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG if verbose else logging.INFO),
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=True,

@@ -1,68 +1,130 @@
-"""The daemon's main loop: one GLib loop, one thread, carrying everything.
+"""The daemon's supervisor: one set of semantics over two main-loop backends.
 
-- the tick, a one-shot timer re-armed with the delay Agent.tick() returns
-  (fast under pressure, calm otherwise);
-- SIGHUP: reload, bracketed by RELOADING=1/READY=1 for systemd (what
-  Type=notify-reload would do on systemd >= 253);
-- SIGTERM/SIGINT: STOPPING=1, then a clean exit;
-- the watchdog ping, from its own timer at half of WatchdogSec;
-- the D-Bus API (dbus_service.py), whose calls run between ticks.
+The Supervisor owns everything between the agent and systemd:
 
-One thread means no locks: a D-Bus Reload and a SIGHUP cannot race a tick.
-Without PyGObject or pydbus the agent runs service.run_simple (no bus) and
-says so once.
+- start, then STATUS= and READY=1 (Type=notify);
+- the tick, a one-shot timer re-armed with the delay Agent.tick() returns (fast
+  under pressure, calm otherwise); a tick that raises is logged with its
+  traceback and retried after RETRY_AFTER_ERROR;
+- the watchdog ping at half of WatchdogSec, withheld once ticks have failed for
+  a whole watchdog period, so that systemd restarts an agent that cannot work;
+- SIGHUP: reload, bracketed by RELOADING=1 + MONOTONIC_USEC and READY=1 (what
+  Type=notify-reload would do on systemd >= 253). Nothing a reload raises stops
+  the agent: the running policy stays, the error is logged, READY=1 still goes out;
+- SIGTERM/SIGINT: STOPPING=1, then a clean exit (status 0);
+- --once: start, READY=1, one tick, exit;
+- the D-Bus API (dbus_service.py) when the GLib backend runs: published (and
+  re-published when the bus comes back), its cached property values invalidated
+  after every tick and reload.
+
+The loop itself is a small interface (call_later, cancel, every, on_signal, run,
+quit, close) with two backends: dbus_service.GLibLoop (the only gi importer, and
+the bus needs it) and SelectLoop below (select() on a self-pipe, no gi; the
+container image and --no-dbus). One thread either way: a D-Bus Reload, a SIGHUP
+and a tick never race, and nothing needs a lock.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import os
+import select
 import signal
+import sys
 import time
-from typing import Any, Optional
+import traceback
+from typing import Any, Callable, Dict, List, Optional
 
-from . import logsetup, sdnotify, service
+from . import logsetup
 
-# When tick() raises (a bug, or the kernel failing in a way the agent does not
-# handle) the loop logs it and tries again after this many seconds.
+# When a tick raises (a bug, or the kernel failing in a way the agent does not
+# handle) the supervisor logs it and tries again after this many seconds.
 RETRY_AFTER_ERROR = 1.0
 # Seconds between attempts to take the bus name: the bus may start after the
 # agent, or not yet have loaded the policy file a package just installed.
 PUBLISH_RETRY = (2.0, 5.0, 15.0, 60.0)
 
+# Exit statuses; the unit's RestartPreventExitStatus= names EXIT_CONFIG (cli.py
+# uses the same numbers). 78 is EX_CONFIG: something only the admin can fix (an
+# invalid policy, an unusable state file), so a restart would only loop.
+# EXIT_FAIL is anything a fresh start may cure, and Restart=on-failure does that.
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 78
 
-def run(agent: Any, notifier: Any = None) -> int:
-    """Start the agent and serve until SIGTERM/SIGINT. Returns the exit status."""
-    try:
-        from . import dbus_service
-    except ImportError as exc:
-        _log(agent.log, "dbus_unavailable",
-             f"D-Bus API not offered: {exc}; running without it (install python3-gi and python3-pydbus)",
-             error=str(exc))
-        return service.run_simple(agent, notifier)
-    return Supervisor(agent, notifier or sdnotify.Notifier(), dbus_service).run()
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+HANDLED_SIGNALS = (signal.SIGHUP,) + STOP_SIGNALS
+
+
+def run(agent: Any, notifier: Any = None, once: bool = False, use_bus: bool = True) -> int:
+    """Start the agent and serve until SIGTERM/SIGINT (or one tick with `once`).
+    Returns the process exit status."""
+    if notifier is None:
+        from . import sdnotify
+        notifier = sdnotify.Notifier()  # outside systemd every message is a no-op
+    bus = None
+    if use_bus and not once:
+        try:
+            from . import dbus_service
+        except ImportError as exc:
+            _log(agent.log, "dbus_unavailable",
+                 f"D-Bus API not offered: {exc}; running without it (install python3-gi and python3-pydbus)",
+                 error=str(exc))
+        else:
+            bus = dbus_service
+    loop = bus.GLibLoop() if bus is not None else SelectLoop()
+    return Supervisor(agent, notifier, loop, bus=bus).run(once=once)
 
 
 class Supervisor:
-    def __init__(self, agent: Any, notifier: Any, dbus_service: Any, clock: Any = time.monotonic) -> None:
+    """`loop`: a backend (GLibLoop, SelectLoop). `bus`: the dbus_service module
+    (or a stand-in with BUS_NAME and publish()), None for no D-Bus API."""
+
+    def __init__(self, agent: Any, notifier: Any, loop: Any, bus: Any = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.agent = agent
         self.notifier = notifier
-        self.dbus = dbus_service
+        self.loop = loop
+        self.bus = bus
         self.clock = clock
-        self.loop = dbus_service.Loop()
-        self.bus: Optional[Any] = None
+        self.published: Optional[Any] = None
         self.stopped_by: Optional[str] = None
         self.failing_since: Optional[float] = None
-        self._tick_source: Optional[int] = None
+        self._tick_source: Optional[Any] = None
         self._publish_attempts = 0
         self._bus_missing = False
+        loop.on_error = self._callback_failed
 
     # ------------------------------------------------------------------ life
 
-    def run(self) -> int:
-        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+    def run(self, once: bool = False) -> int:
+        # Signals first: a SIGTERM during a slow start is then a clean stop, not a kill.
+        for signum in HANDLED_SIGNALS:
             self.loop.on_signal(signum, self._on_signal)
-        self.agent.start()
-        self._publish()
-        self.notifier.status(self.agent.status_line())
+        try:
+            return self._run(once)
+        finally:
+            self.loop.close()
+
+    def _run(self, once: bool) -> int:
+        try:
+            self.agent.start()
+        except Exception as exc:  # noqa: BLE001 - decides the exit status, and with it systemd's restart
+            return self._start_failed(exc)
+        if once:
+            self.notifier.status(self._status_line())
+            self.notifier.ready()
+            try:
+                self._tick_step()
+                status = EXIT_OK
+            except Exception as exc:  # noqa: BLE001 - one tick, and its failure is the exit status
+                self._tick_failed(exc)
+                status = EXIT_FAIL
+            self.notifier.stopping()
+            self.agent.stop("--once")
+            return status
+        if self.bus is not None:
+            self._publish()
+        self.notifier.status(self._status_line())
         self.notifier.ready()
         watchdog = self.notifier.watchdog_interval()
         if watchdog:
@@ -71,36 +133,50 @@ class Supervisor:
         try:
             self.loop.run()
         finally:
-            if self.bus is not None:
-                self.bus.close()
+            if self.published is not None:
+                self.published.close()
+                self.published = None
         self.agent.stop(self.stopped_by or "main loop ended")
-        return 0
+        return EXIT_OK
+
+    def _start_failed(self, exc: BaseException) -> int:
+        from . import config, journal
+
+        error = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, (config.PolicyError, journal.JournalError)):
+            _log(self.agent.log, "start_failed", error=error, exit_status=EXIT_CONFIG, exc_info=exc,
+                 consequence="the unit does not restart the agent: fix the cause, then start it")
+            return EXIT_CONFIG
+        _log(self.agent.log, "start_failed", error=error, exit_status=EXIT_FAIL, exc_info=exc,
+             consequence="the unit restarts the agent")
+        return EXIT_FAIL
+
+    # ------------------------------------------------------------------ the bus
 
     def _publish(self) -> None:
         if self.stopped_by is not None:
             return
         try:
-            self.bus = self.dbus.publish(self.agent, self.reload, self._method_failed, self._bus_lost)
+            self.published = self.bus.publish(self.agent, self.reload, self._method_failed, self._bus_lost)
         except Exception as exc:  # noqa: BLE001 - no bus is a degraded mode, not a failure
             delay = PUBLISH_RETRY[min(self._publish_attempts, len(PUBLISH_RETRY) - 1)]
             self._publish_attempts += 1
             if not self._bus_missing:  # once per outage, not once per attempt
                 self._bus_missing = True
                 _log(self.agent.log, "dbus_unavailable",
-                     f"D-Bus API not offered yet: cannot own {self.dbus.BUS_NAME} on the system bus ({exc}); "
+                     f"D-Bus API not offered yet: cannot own {self.bus.BUS_NAME} on the system bus ({exc}); "
                      "the agent works without it and keeps trying", error=str(exc))
             self.loop.call_later(delay, self._publish)
             return
         self._publish_attempts = 0
         if self._bus_missing:
             self._bus_missing = False
-            _log(self.agent.log, "dbus_available",
-                 f"D-Bus API offered as {self.dbus.BUS_NAME}")
+            _log(self.agent.log, "dbus_available", f"D-Bus API offered as {self.bus.BUS_NAME}")
 
     def _bus_lost(self) -> None:
         if self.stopped_by is not None:
             return
-        self.bus = None
+        self.published = None
         self._bus_missing = True
         _log(self.agent.log, "dbus_unavailable",
              "the system bus connection closed; the agent works without the D-Bus API until it is back",
@@ -108,25 +184,47 @@ class Supervisor:
         self.loop.call_later(PUBLISH_RETRY[0], self._publish)
 
     def _method_failed(self, method: str, exc: BaseException) -> None:
-        _log(self.agent.log, "dbus_method_failed", f"D-Bus {method}() failed: {exc}",
+        _log(self.agent.log, "dbus_method_failed", f"D-Bus {method}() failed: {type(exc).__name__}: {exc}",
              method=method, error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+
+    def _agent_changed(self) -> None:
+        """The bus answers property reads from values built at most once per tick;
+        after a tick or a reload they are stale."""
+        if self.published is not None:
+            self.published.invalidate()
 
     # ------------------------------------------------------------------ reactions
 
     def tick(self) -> None:
+        self._tick_source = None
+        delay = RETRY_AFTER_ERROR
+        try:
+            delay = self._tick_step()
+        except Exception as exc:  # noqa: BLE001 - keep ticking; the watchdog judges persistence
+            self._tick_failed(exc)
+        finally:
+            # Re-armed whatever happened above: a tick chain that ended silently would
+            # leave the watchdog fed by an agent that no longer looks at the table.
+            if self.stopped_by is None:
+                self._tick_source = self.loop.call_later(delay, self.tick)
+
+    def _tick_step(self) -> float:
         try:
             delay = self.agent.tick()
-            self.failing_since = None
-        except Exception as exc:  # noqa: BLE001 - keep ticking; the watchdog judges persistence
-            if self.failing_since is None:
-                self.failing_since = self.clock()
-            _log(self.agent.log, "tick_failed", f"tick failed: {type(exc).__name__}: {exc}",
-                 error=f"{type(exc).__name__}: {exc}", exc_info=exc)
-            delay = RETRY_AFTER_ERROR
-        if self.agent.status_due():
-            self.notifier.status(self.agent.status_line())
-        if self.stopped_by is None:
-            self._tick_source = self.loop.call_later(delay, self.tick)
+            if self.agent.status_due():
+                self.notifier.status(self.agent.status_line())
+        finally:
+            self._agent_changed()
+        self.failing_since = None
+        return delay
+
+    def _tick_failed(self, exc: BaseException) -> None:
+        if self.failing_since is None:
+            self.failing_since = self.clock()
+        error = f"{type(exc).__name__}: {exc}"
+        _log(self.agent.log, "tick_failed", error=error, retry=RETRY_AFTER_ERROR, exc_info=exc)
+        # `systemctl status` would otherwise keep showing the last good reading.
+        self.notifier.status(f"tick failing: {error}; retrying every {RETRY_AFTER_ERROR:g}s")
 
     def watchdog(self) -> None:
         """Ping unless ticks have failed for a whole watchdog period: then systemd
@@ -138,29 +236,180 @@ class Supervisor:
         self.notifier.watchdog()
 
     def reload(self) -> bool:
+        """Re-read the policy; False when it was not loaded (the running one stays).
+        Never raises: a SIGHUP handler or a D-Bus call that raised would take the
+        agent down, and systemd counts death by SIGHUP as a clean exit."""
         self.notifier.reloading()
         try:
-            ok = self.agent.reload()
-        finally:
-            self.notifier.status(self.agent.status_line())
-            self.notifier.ready()
+            ok = bool(self.agent.reload())
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            ok = False
+            policy = getattr(self.agent, "policy_label", "?")
+            _log(self.agent.log, "reload_failed", error=f"{type(exc).__name__}: {exc}", policy=policy,
+                 exc_info=exc)
+        self._agent_changed()
+        self.notifier.status(self._status_line())
+        self.notifier.ready()
         return ok
 
-    def _on_signal(self, signum: int) -> None:
-        if signum == signal.SIGHUP:
-            self.reload()
-            return
-        self.stopped_by = signal.Signals(signum).name
+    def stop(self, why: str) -> None:
+        self.stopped_by = why
         self.notifier.stopping()
         if self._tick_source is not None:
             self.loop.cancel(self._tick_source)
             self._tick_source = None
         self.loop.quit()
 
+    def _on_signal(self, signum: int) -> None:
+        if signum == signal.SIGHUP:
+            self.reload()
+        else:
+            self.stop(signal.Signals(signum).name)
 
-def _log(log: Any, kind: str, sentence: str, **fields: Any) -> None:
-    """An event of the registry (events.EVENTS) through logsetup.emit; the call
-    site's sentence is the event's detail."""
-    fields.pop("exc_info", None)
-    fields.setdefault("retry", RETRY_AFTER_ERROR)
-    logsetup.emit(log, kind, detail=sentence, **fields)
+    def _status_line(self) -> str:
+        """For start and reload, which must send READY=1 whatever the status line does."""
+        try:
+            return self.agent.status_line()
+        except Exception as exc:  # noqa: BLE001 - the next tick logs it as tick_failed
+            return f"status unavailable: {type(exc).__name__}: {exc}"
+
+    def _callback_failed(self, exc: BaseException) -> None:
+        """A loop callback raised past the supervisor's own handlers (a bug): log it;
+        the backend keeps the timer or signal handler that raised."""
+        _log(self.agent.log, "internal_error", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+
+
+def _log(log: Any, kind: str, detail: Optional[str] = None, **fields: Any) -> None:
+    """An event of the registry (events.EVENTS) through logsetup.emit. `detail`: the
+    sentence, for the kinds whose template is just {detail}; an `exc_info` field
+    carries the traceback to every sink (logsetup renders it)."""
+    if detail is not None:
+        fields["detail"] = detail
+    logsetup.emit(log, kind, **fields)
+
+
+# ---------------------------------------------------------------------- select backend
+
+
+def print_exception(exc: BaseException) -> None:
+    """A backend's default on_error: the traceback to stderr (the journal, under systemd)."""
+    traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+
+
+class _Timer:
+    __slots__ = ("callback", "period", "cancelled")
+
+    def __init__(self, callback: Callable[[], None], period: Optional[float]) -> None:
+        self.callback = callback
+        self.period = period
+        self.cancelled = False
+
+
+class SelectLoop:
+    """The loop without GLib: timers in a heap, select() as the only wait, and
+    signals through signal.set_wakeup_fd() on a self-pipe.
+
+    The C-level signal handler writes the signal's number into the pipe, so no
+    signal is lost between a check and the wait, and handlers run in the loop,
+    never inside a Python signal handler. A periodic timer is re-armed from the
+    time it ran (no catch-up burst after a stall), as GLib does. A callback that
+    raises goes to on_error, and its timer or signal handler stays.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.on_error: Callable[[BaseException], None] = print_exception
+        self._heap: List[Any] = []
+        self._seq = itertools.count()
+        self._handlers: Dict[int, Callable[[int], None]] = {}
+        self._previous: Dict[int, Any] = {}
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._old_wakeup: Optional[int] = None
+        self._running = False
+
+    def call_later(self, seconds: float, callback: Callable[[], None]) -> _Timer:
+        return self._arm(_Timer(callback, None), seconds)
+
+    def every(self, seconds: float, callback: Callable[[], None]) -> _Timer:
+        return self._arm(_Timer(callback, seconds), seconds)
+
+    def cancel(self, handle: _Timer) -> None:
+        handle.cancelled = True
+
+    def on_signal(self, signum: int, callback: Callable[[int], None]) -> None:
+        if self._old_wakeup is None:
+            self._old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        self._handlers[signum] = callback
+        previous = signal.signal(signum, _wake_only)
+        self._previous.setdefault(signum, previous)
+
+    def run(self) -> None:
+        self._running = True
+        while self._running:
+            timeout = None
+            while self._heap and self._heap[0][2].cancelled:
+                heapq.heappop(self._heap)
+            if self._heap:
+                timeout = max(0.0, self._heap[0][0] - self.clock())
+            try:
+                readable, _, _ = select.select([self._wake_r], [], [], timeout)
+            except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for safety
+                readable = []
+            if readable:
+                for signum in self._drain():
+                    handler = self._handlers.get(signum)
+                    if handler is not None:
+                        self._call(handler, signum)
+                    if not self._running:
+                        return
+            now = self.clock()
+            while self._running and self._heap and self._heap[0][0] <= now:
+                _, _, timer = heapq.heappop(self._heap)
+                if timer.cancelled:
+                    continue
+                if timer.period is not None:
+                    self._arm(timer, timer.period)
+                self._call(timer.callback)
+
+    def quit(self) -> None:
+        self._running = False
+
+    def close(self) -> None:
+        """Give the signals back (the previous handlers and wakeup fd)."""
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+        self._handlers.clear()
+        if self._old_wakeup is not None:
+            signal.set_wakeup_fd(self._old_wakeup)
+            self._old_wakeup = None
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+    def _arm(self, timer: _Timer, seconds: float) -> _Timer:
+        heapq.heappush(self._heap, (self.clock() + max(0.0, seconds), next(self._seq), timer))
+        return timer
+
+    def _drain(self) -> bytes:
+        data = b""
+        while True:
+            try:
+                chunk = os.read(self._wake_r, 256)
+            except BlockingIOError:
+                return data
+            if not chunk:
+                return data
+            data += chunk
+
+    def _call(self, callback: Callable[..., None], *args: Any) -> None:
+        try:
+            callback(*args)
+        except Exception as exc:  # noqa: BLE001 - the loop outlives a broken callback
+            self.on_error(exc)
+
+
+def _wake_only(_signum: int, _frame: Any) -> None:
+    """The Python-level handler: nothing to do, the wakeup fd already carries the
+    signal to the loop. (SIG_IGN would not: the C handler would not run.)"""

@@ -9,10 +9,7 @@ storm of writes.
 
 from __future__ import annotations
 
-import errno
 import os
-import select
-import signal
 import time
 from dataclasses import replace
 from typing import Any, Callable, Dict, List, Optional
@@ -30,8 +27,6 @@ REPROBE_INTERVAL = 5.0
 PRESSURE_HOLD = 5.0
 # Seconds between STATUS= updates to systemd when nothing was done.
 STATUS_INTERVAL = 1.0
-# After a tick raised (a kernel answer the agent did not expect), try again this soon.
-TICK_RETRY = 1.0
 # Rewriting a small file costs ~300 µs here (ext4 on a virtio disk, open + write +
 # rename, measured with /usr/bin/python3), against ~700 µs a second for the whole
 # idle agent. So the metrics textfile is rewritten every METRICS_CALM_INTERVAL when
@@ -494,87 +489,3 @@ class Agent:
             self._metrics_server = None
         if self.sampler is not None:
             self.sampler.close()
-
-
-# ---------------------------------------------------------------------- plain main loop
-
-
-class _NullNotifier:
-    def ready(self) -> None: ...
-    def status(self, text: str) -> None: ...
-    def watchdog(self) -> None: ...
-    def reloading(self) -> None: ...
-    def stopping(self) -> None: ...
-    def watchdog_interval(self) -> Optional[float]: return None
-
-
-def run_simple(agent: Agent, notifier: Any = None, once: bool = False) -> int:
-    """The loop without GLib: sleep in select() on a self-pipe so signals wake it."""
-    notifier = notifier or _NullNotifier()
-    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    pending: List[int] = []
-    previous = {}
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        pending.append(signum)
-
-    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-        previous[signum] = signal.signal(signum, on_signal)
-    old_wakeup = signal.set_wakeup_fd(wake_w)
-    try:
-        agent.start()
-        notifier.status(agent.status_line())
-        notifier.ready()
-        if once:
-            agent.tick()
-            agent.stop("--once")
-            return 0
-        watchdog = notifier.watchdog_interval()
-        next_ping = 0.0
-        while True:
-            try:
-                delay = agent.tick()
-            except Exception as exc:  # noqa: BLE001 - keep ticking; systemd's watchdog judges persistence
-                logsetup.emit(agent.log, "tick_failed", error=f"{type(exc).__name__}: {exc}", retry=TICK_RETRY)
-                delay = TICK_RETRY
-            if agent.status_due():
-                notifier.status(agent.status_line())
-            if watchdog is not None:
-                # Ping at half the watchdog period, not every tick: each ping is a syscall.
-                now = time.monotonic()
-                if now >= next_ping:
-                    notifier.watchdog()
-                    next_ping = now + watchdog / 2
-                delay = min(delay, max(0.0, next_ping - now))
-            deadline = time.monotonic() + delay
-            while not pending:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    select.select([wake_r], [], [], remaining)
-                except InterruptedError:
-                    pass
-                try:
-                    while os.read(wake_r, 64):
-                        pass
-                except OSError as exc:
-                    if exc.errno != errno.EAGAIN:
-                        raise
-            while pending:
-                signum = pending.pop(0)
-                if signum == signal.SIGHUP:
-                    notifier.reloading()
-                    agent.reload()
-                    notifier.status(agent.status_line())
-                    notifier.ready()
-                else:
-                    notifier.stopping()
-                    agent.stop(signal.Signals(signum).name)
-                    return 0
-    finally:
-        signal.set_wakeup_fd(old_wakeup)
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        os.close(wake_r)
-        os.close(wake_w)

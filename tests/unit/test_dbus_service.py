@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -42,7 +41,7 @@ def _obj(agent=None, reload=lambda: True, uid=0, failures=None):
     return dbus_service.AgentObject(agent or FakeAgent(), reload, uid_of, lambda m, e: failures.append((m, e)))
 
 
-CALLER = SimpleNamespace(sender=":1.42")
+SENDER = ":1.42"
 
 
 def test_properties_come_from_the_snapshot() -> None:
@@ -60,7 +59,7 @@ def test_methods_refuse_non_root_callers() -> None:
     obj = _obj(reload=lambda: reloads.append(1) or True, uid=1000)
     for call in (obj.Reload, obj.Evaluate):
         with pytest.raises(dbus_service.AccessDenied) as err:
-            call(dbus_context=CALLER)
+            call(SENDER)
         assert type(err.value).__name__ == "org.freedesktop.DBus.Error.AccessDenied"
         assert "uid 1000" in str(err.value)
     assert reloads == []
@@ -70,15 +69,15 @@ def test_an_unidentifiable_caller_is_refused() -> None:
     def lookup(sender):
         raise RuntimeError("bus gone")
     with pytest.raises(dbus_service.AccessDenied):
-        _obj(uid=lookup).Reload(dbus_context=CALLER)
+        _obj(uid=lookup).Reload(SENDER)
     with pytest.raises(dbus_service.AccessDenied):
-        _obj().Reload(dbus_context=None)
+        _obj().Reload(None)
 
 
 def test_reload_maps_an_invalid_policy_to_its_own_error() -> None:
-    _obj(reload=lambda: True).Reload(dbus_context=CALLER)
+    _obj(reload=lambda: True).Reload(SENDER)
     with pytest.raises(dbus_service.PolicyInvalid) as err:
-        _obj(reload=lambda: False).Reload(dbus_context=CALLER)
+        _obj(reload=lambda: False).Reload(SENDER)
     assert type(err.value).__name__ == "io.github.conntrack_agent1.Error.PolicyInvalid"
 
 
@@ -89,7 +88,7 @@ def test_internal_errors_become_failed_and_are_logged() -> None:
         raise KeyError("sampler")
     obj = _obj(FakeAgent(evaluate=broken), failures=failures)
     with pytest.raises(dbus_service.Failed) as err:
-        obj.Evaluate(dbus_context=CALLER)
+        obj.Evaluate(SENDER)
     assert type(err.value).__name__ == "org.freedesktop.DBus.Error.Failed"
     assert "KeyError" in str(err.value)
     assert failures and failures[0][0] == "Evaluate"
@@ -98,10 +97,10 @@ def test_internal_errors_become_failed_and_are_logged() -> None:
 def test_evaluate_describes_each_decision() -> None:
     plan = [Decision("raise_max", "grow-table", "usage 80% >= 75%", "", False, 1024, 2048),
             Decision("max_at_ceiling", "grow-table", "at the ceiling", "", False, 4096, 4096, is_action=False)]
-    lines = _obj(FakeAgent(evaluate=lambda: plan)).Evaluate(dbus_context=CALLER)
+    lines = _obj(FakeAgent(evaluate=lambda: plan)).Evaluate(SENDER)
     assert lines == ["grow-table: would raise_max 1024→2048: usage 80% >= 75%",
                      "grow-table: notice max_at_ceiling: at the ceiling"]
-    assert _obj().Evaluate(dbus_context=CALLER) == ["nothing to do: no rule's trigger holds"]
+    assert _obj().Evaluate(SENDER) == ["nothing to do: no rule's trigger holds"]
 
 
 # ---------------------------------------------------------------------- on a real (private) bus
@@ -123,7 +122,6 @@ _BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Confi
 
 _SERVER = r"""
 import sys
-from types import SimpleNamespace
 from gi.repository import GLib
 from conntrack_agent import dbus_service
 from conntrack_agent.decisions import Decision
@@ -234,15 +232,108 @@ def test_query_daemon_without_a_bus_is_none(tmp_path: Path) -> None:
 
 
 def test_the_bus_policy_file_names_what_the_code_exports() -> None:
-    text = (Path(__file__).resolve().parents[2] / "systemd" / "io.github.conntrack_agent1.conf").read_text()
-    assert 'own="%s"' % dbus_service.BUS_NAME in text
-    assert '<deny send_destination="%s"/>' % dbus_service.BUS_NAME in text
-    for member in ("Get", "GetAll"):
-        assert 'send_member="%s"' % member in text
-    # methods of the Agent interface are never opened to the default context
-    assert dbus_service.INTERFACE not in text
+    """Who may send what: root and the daemon's user anything; the adm group the
+    property reads; everyone else introspection and ping only (GDBus answers those
+    itself, off the agent's loop). The methods are never opened beyond root."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(Path(__file__).resolve().parents[2] / "systemd" / "io.github.conntrack_agent1.conf").getroot()
+    policies = {tuple(p.attrib.items())[0]: p for p in root.findall("policy")}
+    assert set(policies) == {("user", "conntrack-agent"), ("user", "root"), ("context", "default"), ("group", "adm")}
+    for user in ("conntrack-agent", "root"):
+        rules = [(r.tag, r.attrib) for r in policies[("user", user)]]
+        assert rules == [("allow", {"own": dbus_service.BUS_NAME}), ("allow", {"send_destination": dbus_service.BUS_NAME})]
+
+    def opened(policy):
+        rules = list(policies[policy])
+        for rule in rules:
+            assert rule.get("send_destination") == dbus_service.BUS_NAME, rule.attrib
+            assert rule.get("send_interface") != dbus_service.INTERFACE
+        return [(r.tag, r.get("send_interface"), r.get("send_member")) for r in rules]
+    assert opened(("context", "default")) == [
+        ("deny", None, None),
+        ("allow", "org.freedesktop.DBus.Introspectable", None),
+        ("allow", "org.freedesktop.DBus.Peer", None)]
+    assert opened(("group", "adm")) == [("allow", dbus_service.PROPERTIES_INTERFACE, "Get"),
+                                       ("allow", dbus_service.PROPERTIES_INTERFACE, "GetAll")]
+
+
+def test_property_reads_are_answered_from_one_snapshot_per_tick() -> None:
+    class Counting(FakeAgent):
+        calls = 0
+
+        def snapshot(self):
+            Counting.calls += 1
+            return dict(self._snapshot, count=Counting.calls)
+
+    obj = _obj(Counting({"max": 8192, "usage": 0.5, "time_to_full": None}))
+    getall = [obj.call(None, dbus_service.PROPERTIES_INTERFACE, "GetAll", (dbus_service.INTERFACE,))
+              for _ in range(100)]
+    get = [obj.call(None, dbus_service.PROPERTIES_INTERFACE, "Get", (dbus_service.INTERFACE, "Max"))
+           for _ in range(100)]
+    assert Counting.calls == 1
+    assert all(reply is getall[0] for reply in getall) and all(reply is get[0] for reply in get)
+    assert getall[0].unpack() == ({"Count": 1, "Max": 8192, "Buckets": 0, "Usage": 0.5, "FillRate": 0.0,
+                                   "TimeToFull": -1.0, "LastDecision": "", "PolicyPath": "", "DryRun": False},)
+    assert get[0].unpack() == (8192,) and obj.Count == 1
+    obj.invalidate()  # what the supervisor does after each tick
+    assert obj.call(None, dbus_service.PROPERTIES_INTERFACE, "GetAll", (dbus_service.INTERFACE,)).unpack()[0][
+        "Count"] == 2
+    assert Counting.calls == 2
+    with pytest.raises(dbus_service.UnknownMethod):
+        obj.call(None, dbus_service.INTERFACE, "Frobnicate", ())
+
+
+def test_a_failing_snapshot_is_an_error_logged_once_per_tick() -> None:
+    failures = []
+
+    class Broken(FakeAgent):
+        def snapshot(self):
+            raise KeyError("last_sample")
+
+    obj = _obj(Broken(), failures=failures)
+    for _ in range(50):
+        with pytest.raises(dbus_service.Failed, match="KeyError"):
+            obj.call(None, dbus_service.PROPERTIES_INTERFACE, "GetAll", (dbus_service.INTERFACE,))
+    assert len(failures) == 1 and isinstance(failures[0][1], KeyError)
+    obj.invalidate()
+    with pytest.raises(dbus_service.Failed):
+        obj.Count
+    assert len(failures) == 2
+
+
+def test_dbus_method_failed_reaches_the_journal_with_its_traceback(dgram_listener) -> None:
+    import structlog
+
+    from conntrack_agent import logsetup, mainloop
+    from test_journald import receive
+
+    path, sock = dgram_listener
+
+    def evaluate_broken():
+        raise KeyError("sampler")
+
+    agent = FakeAgent(evaluate=evaluate_broken)
+    loop = mainloop.SelectLoop()
+    try:
+        logsetup.configure("journal", journal_socket=path)
+        agent.log = logsetup.get_logger()
+        sup = mainloop.Supervisor(agent, None, loop)
+        obj = dbus_service.AgentObject(agent, sup.reload, lambda sender: 0, sup._method_failed)
+        with pytest.raises(dbus_service.Failed):
+            obj.Evaluate(SENDER)
+    finally:
+        loop.close()
+        structlog.reset_defaults()
+    fields = receive(sock)
+    assert fields["EVENT"] == "dbus_method_failed" and fields["PRIORITY"] == "3"
+    assert fields["MESSAGE"] == "D-Bus Evaluate() failed: KeyError: 'sampler'"
+    assert fields["EXCEPTION"].startswith("Traceback (most recent call last):")
+    assert "in evaluate_broken" in fields["EXCEPTION"] and fields["EXCEPTION"].endswith("KeyError: 'sampler'")
 
 
 def test_every_introspected_property_is_implemented() -> None:
-    for name, _ in dbus_service.PROPERTIES:
+    names = [name for name, _ in dbus_service.PROPERTIES]
+    assert sorted(dbus_service.SOURCES) == sorted(names)
+    for name in names:
         assert isinstance(getattr(dbus_service.AgentObject, name), property), name

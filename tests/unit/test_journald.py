@@ -7,6 +7,7 @@ arrives with an independent parser of the documented protocol.
 from __future__ import annotations
 
 import io
+import json
 import os
 import socket
 import struct
@@ -183,3 +184,55 @@ def test_running_under_journal_compares_device_and_inode(tmp_path: Path) -> None
                                                   f.fileno())
         assert not journald.running_under_journal({}, f.fileno())
         assert not journald.running_under_journal({"JOURNAL_STREAM": "garbage"}, f.fileno())
+
+
+def _failing_tick() -> float:
+    raise OSError(5, "Input/output error")
+
+
+def test_logsetup_chain_sends_the_traceback_as_exception(journal) -> None:
+    """exc_info=exc (an exception object, as the main loop passes it) through
+    logsetup's own chain to the journal: one EXCEPTION field, no leftovers."""
+    import structlog
+
+    path, sock = journal
+    try:
+        logsetup.configure("journal", journal_socket=path)
+        try:
+            _failing_tick()
+        except OSError as exc:
+            logsetup.emit(logsetup.get_logger(), "tick_failed", error="OSError: boom", retry=1.0, exc_info=exc)
+    finally:
+        structlog.reset_defaults()
+    fields = receive(sock)
+    assert fields["EVENT"] == "tick_failed"
+    assert fields["EXCEPTION"].startswith("Traceback (most recent call last):")
+    assert "in _failing_tick" in fields["EXCEPTION"]
+    assert fields["EXCEPTION"].endswith("OSError: [Errno 5] Input/output error")
+    assert not any(k in fields for k in ("EXC_INFO", "CT_EXCEPTION"))
+
+
+@pytest.mark.parametrize("fmt", ["console", "json"])
+def test_console_and_json_show_the_traceback(fmt: str) -> None:
+    import structlog
+
+    stream = io.StringIO()
+    try:
+        logsetup.configure(fmt, stream=stream)
+        try:
+            _failing_tick()
+        except OSError as exc:
+            logsetup.emit(logsetup.get_logger(), "tick_failed", error="OSError: boom", retry=1.0, exc_info=exc)
+    finally:
+        structlog.reset_defaults()
+    text = stream.getvalue()
+    if fmt == "json":
+        event = json.loads(text)
+        assert event["exception"].startswith("Traceback (most recent call last):")
+        assert "in _failing_tick" in event["exception"] and "exc_info" not in event
+    else:
+        first, *trace = text.rstrip("\n").split("\n")
+        assert "tick failed: OSError: boom" in first
+        assert trace[0] == "    Traceback (most recent call last):"
+        assert any("in _failing_tick" in line for line in trace)
+        assert trace[-1] == "    OSError: [Errno 5] Input/output error"

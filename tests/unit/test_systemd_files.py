@@ -77,6 +77,15 @@ def test_unit_essentials() -> None:
     assert "PrivateNetwork" not in unit and "PrivateUsers" not in unit
 
 
+def test_unit_memory_max_leaves_room_over_the_idle_budget() -> None:
+    """MemoryMax= ends a leak in a restart; it must not end normal work: the idle
+    agent is budgeted at 25 MB of RSS and a sweep adds ~18 MB at its peak."""
+    (value,) = _unit()["MemoryMax"]
+    number, unit = re.fullmatch(r"(\d+)([KMG])", value).groups()
+    mib = int(number) * {"K": 1 / 1024, "M": 1, "G": 1024}[unit]
+    assert mib >= 4 * 25
+
+
 def test_unit_user_state_directory_and_sysusers_agree() -> None:
     unit = _unit()
     user = unit["User"][0]
