@@ -26,6 +26,7 @@ due tick goes before queued calls. Measured in systemd/README.md.
 
 from __future__ import annotations
 
+import json
 import signal
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -50,7 +51,8 @@ TIMER_PRIORITY = GLib.PRIORITY_HIGH
 # Read-only properties: name, D-Bus type. TimeToFull is seconds until full at
 # the current fill rate, -1 when not filling (D-Bus has no null).
 PROPERTIES = (("Count", "t"), ("Max", "t"), ("Buckets", "t"), ("Usage", "d"), ("FillRate", "d"),
-              ("TimeToFull", "d"), ("LastDecision", "s"), ("PolicyPath", "s"), ("DryRun", "b"))
+              ("TimeToFull", "d"), ("LastDecision", "s"), ("PolicyPath", "s"), ("DryRun", "b"),
+              ("Report", "s"))
 
 
 def _uint(value: Any) -> int:
@@ -69,6 +71,9 @@ SOURCES: Dict[str, Tuple[str, Callable[[Any], Any], Any]] = {
     "LastDecision": ("last_decision", str, ""),
     "PolicyPath": ("policy_path", str, ""),
     "DryRun": ("dry_run", bool, False),
+    # JSON: what the agent owns (with originals and what restore would do) and where
+    # each rule's timers stand; `plan` and `status` show it (service.Agent.report).
+    "Report": ("report", str, "{}"),
 }
 
 # EmitsChangedSignal=false: the numbers change every tick (up to 20 times a second);
@@ -158,7 +163,7 @@ class AgentObject:
             if self._snapshot_error is not None:
                 raise Failed(self._snapshot_error)
             try:
-                snapshot = self._agent.snapshot()
+                snapshot = dict(self._agent.snapshot(), report=json.dumps(self._agent.report(), default=str))
                 self._values = {}
                 for name, _ in PROPERTIES:
                     key, convert, default = SOURCES[name]
@@ -188,6 +193,7 @@ class AgentObject:
     LastDecision = property(lambda self: self.values()["LastDecision"])
     PolicyPath = property(lambda self: self.values()["PolicyPath"])
     DryRun = property(lambda self: self.values()["DryRun"])
+    Report = property(lambda self: self.values()["Report"])
 
     # dispatch ------------------------------------------------------------------
 
@@ -439,4 +445,17 @@ def query_daemon(timeout_ms: int = CALL_TIMEOUT_MS) -> Optional[Dict[str, Any]]:
         "last_decision": props.get("LastDecision", ""),
         "policy_path": props.get("PolicyPath", ""),
         "dry_run": props.get("DryRun", False),
+        "report": props.get("Report", ""),
     }
+
+
+def query_report(timeout_ms: int = CALL_TIMEOUT_MS) -> Optional[Dict[str, Any]]:
+    """The running agent's report (Agent.report) over the system bus, or None."""
+    snapshot = query_daemon(timeout_ms)
+    if snapshot is None or not snapshot["report"]:
+        return None
+    try:
+        report = json.loads(snapshot["report"])
+    except ValueError:
+        return None
+    return report if isinstance(report, dict) and "owned" in report else None

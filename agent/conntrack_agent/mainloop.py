@@ -169,6 +169,7 @@ class Supervisor:
             self.loop.call_later(delay, self._publish)
             return
         self._publish_attempts = 0
+        self.agent.report_to_file = False   # the bus serves the report; no file rewrites needed
         if self._bus_missing:
             self._bus_missing = False
             _log(self.agent.log, "dbus_available", f"D-Bus API offered as {self.bus.BUS_NAME}")
@@ -178,6 +179,7 @@ class Supervisor:
             return
         self.published = None
         self._bus_missing = True
+        self.agent.report_to_file = True
         _log(self.agent.log, "dbus_unavailable",
              "the system bus connection closed; the agent works without the D-Bus API until it is back",
              error="connection closed")
