@@ -50,6 +50,7 @@ INSTALL = {
     "systemd/io.github.conntrack_agent1.conf": "usr/share/dbus-1/system.d/io.github.conntrack_agent1.conf",
     "systemd/conntrack-agent.catalog": "usr/lib/systemd/catalog/conntrack-agent.catalog",
     "systemd/sysusers.d/conntrack-agent.conf": "usr/lib/sysusers.d/conntrack-agent.conf",
+    "systemd/tmpfiles.d/conntrack-agent.conf": "usr/lib/tmpfiles.d/conntrack-agent.conf",
     "config/policy.toml": "usr/lib/conntrack-agent/policy.toml",
 }
 LAUNCHER = "#!/usr/bin/python3\nfrom conntrack_agent.cli import main\nraise SystemExit(main())\n"
