@@ -10,6 +10,7 @@ import time
 from typing import Any, List, Optional, Tuple
 
 from . import __version__, config
+from .evictspec import FIELDS, FIELDS_BY_NAME, Invalid, narrowing, parse_mark
 
 # 78 is EX_CONFIG: the unit's RestartPreventExitStatus=78 keeps an invalid policy
 # from becoming a restart loop.
@@ -120,27 +121,32 @@ def build_parser() -> argparse.ArgumentParser:
     evict.add_argument("--dry-run", action="store_true", help="count what would be removed; change nothing")
     evict.add_argument("--rule", metavar="NAME", help="start from this policy rule's selectors")
     evict.add_argument("--netns", metavar="NAME", default="", help="namespace under /run/netns (default: own)")
-    evict.add_argument("--mode", choices=("delete", "age"), help="delete, or age: shorten the remaining timeout")
-    evict.add_argument("--age-timeout", metavar="DURATION", help='timeout given in age mode, e.g. "10s"')
-    evict.add_argument("--proto", action="append", metavar="PROTO", choices=config.PROTOCOLS,
-                       help="protocol (repeatable): " + ", ".join(config.PROTOCOLS))
-    evict.add_argument("--state", action="append", metavar="STATE", choices=config.TCP_STATES,
-                       help="TCP state (repeatable): " + ", ".join(config.TCP_STATES))
-    evict.add_argument("--status", choices=("any", "unreplied", "not_assured", "assured"))
-    evict.add_argument("--mark", metavar="MARK[/MASK]", help="conntrack mark, e.g. 0x10/0xff")
-    evict.add_argument("--zone", type=int)
-    evict.add_argument("--src", metavar="CIDR", help="original source address or CIDR")
-    evict.add_argument("--dst", metavar="CIDR", help="original destination address or CIDR")
-    evict.add_argument("--sport", type=int)
-    evict.add_argument("--dport", type=int)
-    evict.add_argument("--timeout-below", metavar="DURATION", help="remaining timeout below this (idle for long)")
-    evict.add_argument("--include-established", action="store_true",
-                       help="also select assured ESTABLISHED TCP entries (live connections)")
-    evict.add_argument("--budget-entries", type=int, metavar="N", help="at most N entries (0: no bound)")
-    evict.add_argument("--budget-time", metavar="DURATION", help='at most this long, e.g. "2s" ("0s": no bound)')
-    evict.add_argument("--target-usage", type=float, metavar="RATIO", help="stop once usage is at or below this")
+    _selector_options(evict)
     evict.add_argument("--json", action="store_true", help="machine-readable report")
     return parser
+
+
+def _selector_options(parser: argparse.ArgumentParser) -> None:
+    """One option per selector or budget, from the one definition the policy's
+    [rule.evict] uses too (evictspec.FIELDS); values are checked in _evict_selection."""
+    for spec_field in FIELDS:
+        if spec_field.option is None:
+            continue
+        kwargs: dict = {"dest": spec_field.name, "help": spec_field.help}
+        if spec_field.kind == "flag":
+            kwargs["action"] = "store_true"
+        elif spec_field.kind in ("choice", "names"):
+            kwargs["choices"] = spec_field.options
+            if spec_field.kind == "names":
+                kwargs["action"] = "append"
+                kwargs["help"] += ": " + ", ".join(spec_field.options)
+        if spec_field.metavar and spec_field.kind != "choice":
+            kwargs["metavar"] = spec_field.metavar
+        if spec_field.kind in ("integer", "duration", "ratio"):
+            kwargs["help"] += ", " + spec_field.range_text()
+        if spec_field.name == "mark":
+            kwargs["help"] += ", e.g. 0x10/0xff"
+        parser.add_argument(spec_field.option, **kwargs)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -181,13 +187,13 @@ def _load_or_report(args: argparse.Namespace, purpose: str = "") -> Optional[con
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    files = config.policy_files(args.config)
     try:
+        files = config.policy_files(args.config)
         policy = _load(args)
     except config.PolicyError as exc:
         _report_invalid(exc)
         return EXIT_FAIL
-    print("policy ok: " + (", ".join(str(f) for f in files) or "no files, built-in defaults"))
+    print("policy ok: " + (", ".join(config.printable(f) for f in files) or "no files, built-in defaults"))
     for line in config.describe(policy):
         print(f"  {line}")
     return EXIT_OK
@@ -332,7 +338,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         policy: Optional[config.Policy] = _load(args)
     except config.PolicyError as exc:
-        _report_invalid(exc, "; status falls back to the built-in defaults")
+        # The counts are worth having even when the policy is broken; it only
+        # names the namespaces to read.
+        _report_invalid(exc, "; reading the kernel with the built-in defaults")
         policy = config.loads(b"", "<built-in>")
     data, source, agent = _current_report(args, policy)
     if data is None:
@@ -430,7 +438,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def _evict_selection(args: argparse.Namespace, policy: config.Policy) -> config.Evict:
-    """The policy rule's [rule.evict] (or the defaults), with the command line on top."""
+    """The policy rule's [rule.evict] (or the defaults), with the command line on top.
+
+    Every value goes through the same checks as the policy's (evictspec.FIELDS):
+    what the policy refuses, the command line refuses too. Raises ValueError."""
     from dataclasses import replace
 
     base = config.Evict(budget_entries=0, budget_time=0.0) if not args.rule else None
@@ -441,35 +452,32 @@ def _evict_selection(args: argparse.Namespace, policy: config.Policy) -> config.
             raise ValueError(f"--rule {args.rule}: no evict rule of that name (evict rules: {known})")
         base = rule.evict
     changes: dict = {}
-    for name in ("mode", "status", "zone", "src", "dst", "sport", "dport", "budget_entries", "target_usage"):
-        value = getattr(args, name)
-        if value is not None:
-            changes[name] = value
-    if args.proto:
-        changes["protocols"] = tuple(args.proto)
-    if args.state:
-        changes["tcp_states"] = tuple(args.state)
-    if args.include_established:
-        changes["include_established"] = True
-    for name in ("age_timeout", "timeout_below", "budget_time"):
-        value = getattr(args, name)
-        if value is not None:
-            try:
-                changes[name] = config.parse_duration(value)
-            except ValueError:
-                raise ValueError(f"--{name.replace('_', '-')}: not a duration: {value!r} (e.g. \"10s\")") from None
-    if args.mark is not None:
-        mark, _, mask = args.mark.partition("/")
+    for spec_field in FIELDS:
+        if spec_field.option is None:
+            continue
+        value = getattr(args, spec_field.name)
+        if value is None or value is False:
+            continue
         try:
-            changes["mark"] = int(mark, 0)
-            if mask:
-                changes["mark_mask"] = int(mask, 0)
-        except ValueError:
-            raise ValueError(f"--mark: expected MARK or MARK/MASK such as 0x10/0xff, got {args.mark!r}") from None
-    return replace(base, **changes)
-
-
-_SELECTORS = ("proto", "state", "mark", "zone", "src", "dst", "sport", "dport", "timeout_below")
+            if spec_field.name == "mark":
+                changes["mark"], mask = parse_mark(value)
+                if mask is not None:
+                    changes["mark_mask"] = mask
+            elif spec_field.kind == "names":
+                changes[spec_field.name] = spec_field.validate(tuple(value))
+            elif spec_field.kind == "flag":
+                changes[spec_field.name] = True
+            else:
+                changes[spec_field.name] = spec_field.from_text(value)
+        except Invalid as exc:
+            raise ValueError(f"{spec_field.option}: {exc}") from None
+    try:
+        return replace(base, **changes)
+    except ValueError as exc:  # the spec's checks across fields: "evict.src/dst: why"
+        head, _, why = str(exc).partition(": ")
+        names = head.replace("evict.", "").split("/")
+        options = "/".join(FIELDS_BY_NAME[n].option or n if n in FIELDS_BY_NAME else n for n in names)
+        raise ValueError(f"{options}: {why}") from None
 
 
 def cmd_evict(args: argparse.Namespace) -> int:
@@ -484,10 +492,20 @@ def cmd_evict(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"conntrack-agent evict: {exc}", file=sys.stderr)
         return EXIT_FAIL
-    named = any(getattr(args, s) is not None for s in _SELECTORS) or args.status not in (None, "any")
-    if not args.dry_run and not args.rule and not named:
-        print("conntrack-agent evict: name at least one selector (or --rule) to evict for real; "
-              "--dry-run previews any selection", file=sys.stderr)
+    if args.netns and not config.valid_netns_name(args.netns):
+        print(f"conntrack-agent evict: --netns: expected a name from /run/netns, got {args.netns!r}",
+              file=sys.stderr)
+        return EXIT_FAIL
+    # A selector counts by what it leaves out: --src 0.0.0.0/0 names one but narrows nothing.
+    established = config.established_timeout(policy)
+    if not args.dry_run and not args.rule and not narrowing(spec, established):
+        print("conntrack-agent evict: name at least one selector that narrows the selection (or --rule) "
+              "to evict for real; --dry-run previews any selection", file=sys.stderr)
+        return EXIT_FAIL
+    if not args.dry_run and spec.include_established and not narrowing(spec, established, live_connections=True):
+        print("conntrack-agent evict: --include-established with no selector that leaves some live TCP "
+              "connections out would cut every one of them; narrow it (e.g. --dport, --src, --mark, "
+              f"--timeout-below under {config.format_duration(established)})", file=sys.stderr)
         return EXIT_FAIL
     try:
         with netns.entered(args.netns):

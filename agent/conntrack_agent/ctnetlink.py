@@ -29,6 +29,8 @@ import struct
 from collections import Counter
 from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
+from .evictspec import PROTO_NAMES, PROTO_NUMBERS, TCP_STATES  # noqa: F401 (names defined once, there)
+
 __all__ = [
     "ConntrackUnavailable",
     "CtnetlinkError",
@@ -156,15 +158,6 @@ AF_UNSPEC = 0
 AF_INET = 2
 AF_INET6 = 10
 
-PROTO_NUMBERS = {
-    "icmp": 1, "tcp": 6, "udp": 17, "dccp": 33, "gre": 47, "icmpv6": 58,
-    "ipv6-icmp": 58, "sctp": 132, "udplite": 136,
-}
-PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 33: "dccp", 47: "gre", 58: "icmpv6",
-               132: "sctp", 136: "udplite"}
-# enum tcp_conntrack, names as conntrack-tools prints them.
-TCP_STATES = ("NONE", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT",
-              "LAST_ACK", "TIME_WAIT", "CLOSE", "SYN_SENT2")
 TCP_ESTABLISHED = 3
 
 _MSG_CT_NEW = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
