@@ -225,6 +225,23 @@ class Metrics:
 
 
 @dataclass(frozen=True)
+class Baseline:
+    """Values the node should have from the start (the admin's, not the agent's: never
+    recorded, never restored). 0 leaves a value alone; max and buckets only go up."""
+
+    nf_conntrack_max: int = 0
+    nf_conntrack_buckets: int = 0
+    timeouts: Tuple[Tuple[str, float], ...] = ()
+    # Read the net.netfilter.nf_conntrack_* lines of sysctl.d as the baseline (the
+    # values above win): what systemd-sysctl could not apply before the module loaded.
+    from_sysctl_d: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return not (self.nf_conntrack_max or self.nf_conntrack_buckets or self.timeouts or self.from_sysctl_d)
+
+
+@dataclass(frozen=True)
 class Trigger:
     match: str = "any"
     usage_at_least: Optional[float] = None
@@ -293,6 +310,7 @@ class Policy:
     agent: AgentSettings = field(default_factory=AgentSettings)
     limits: Limits = field(default_factory=Limits)
     metrics: Metrics = field(default_factory=Metrics)
+    baseline: Baseline = field(default_factory=Baseline)
     rules: Tuple[Rule, ...] = ()
     sources: Tuple[str, ...] = ()
 
@@ -391,6 +409,12 @@ _SCHEMA: Dict[str, Dict[str, Check]] = {
         "textfile": optional_path,
         "listen": listen_address,
     },
+    "baseline": {
+        "nf_conntrack_max": number(0, 1 << 30, integer=True),
+        "nf_conntrack_buckets": number(0, 1 << 28, integer=True),
+        "from_sysctl_d": boolean,
+        # "timeouts" is a table of timeout names, checked like set_timeouts.values.
+    },
     "trigger": {
         "match": choice("any", "all"),
         "usage_at_least": number(MIN_USAGE_TRIGGER, 1.0),
@@ -439,6 +463,7 @@ class _Layer:
         self.problems: List[Problem] = []
         self.values: Dict[str, Dict[str, Any]] = {}
         self.rules: List[Dict[str, Any]] = []
+        self.baseline_timeouts: Dict[str, Tuple[float, Optional[int], str]] = {}
         self._lines: Dict[Tuple[Any, ...], int] = {}
         self._rule_lines: Dict[str, Optional[int]] = {}  # rule name -> line, to refuse a second one
         self._unreported = 0
@@ -482,7 +507,11 @@ class _Layer:
 
     def _read(self, raw: Dict[str, Any]) -> None:
         for top, value in raw.items():
-            if top in ("agent", "limits", "metrics"):
+            if top == "baseline" and isinstance(value, dict) and "timeouts" in value:
+                value = dict(value)
+                self.baseline_timeouts = self._timeout_values(("baseline", "timeouts"), value.pop("timeouts"),
+                                                              "baseline.timeouts")
+            if top in ("agent", "limits", "metrics", "baseline"):
                 self.values[top] = self._table((top,), value, _SCHEMA[top], top)
             elif top == "rule":
                 if not isinstance(value, list):
@@ -491,7 +520,7 @@ class _Layer:
                 for index, entry in enumerate(value):
                     self._read_rule(index, entry)
             else:
-                self._problem((top,), "unknown table or key (known: agent, limits, metrics, rule)", top)
+                self._problem((top,), "unknown table or key (known: agent, limits, metrics, baseline, rule)", top)
 
     def _read_rule(self, index: int, raw: Any) -> None:
         base = ("rule", index)
@@ -575,13 +604,17 @@ _ACTION_TABLES = {"raise_max": RaiseMax, "set_timeouts": SetTimeouts, "evict": E
 
 def _merge(layers: Sequence[_Layer]) -> Policy:
     problems: List[Problem] = []
-    tables: Dict[str, Any] = {"agent": AgentSettings(), "limits": Limits(), "metrics": Metrics()}
+    tables: Dict[str, Any] = {"agent": AgentSettings(), "limits": Limits(), "metrics": Metrics(),
+                              "baseline": Baseline()}
     where: Dict[str, Tuple[str, Optional[int], str]] = {}
+    baseline_timeouts: Dict[str, float] = {}
     for layer in layers:
         for table, values in layer.values.items():
             for key, (value, line, display) in values.items():
                 where[f"{table}.{key}"] = (layer.name, line, display)
                 tables[table] = replace(tables[table], **{key: value})
+        baseline_timeouts.update({k: v[0] for k, v in layer.baseline_timeouts.items()})
+    tables["baseline"] = replace(tables["baseline"], timeouts=tuple(sorted(baseline_timeouts.items())))
     agent, limits = tables["agent"], tables["limits"]
 
     established = _established_timeout(layers)
@@ -631,7 +664,8 @@ def _merge(layers: Sequence[_Layer]) -> Policy:
             rules[name] = rule
             problems.extend(_check_rule(rule, layer.name, raw, established))
 
-    policy = Policy(agent=agent, limits=limits, metrics=tables["metrics"], rules=tuple(rules[n] for n in order),
+    policy = Policy(agent=agent, limits=limits, metrics=tables["metrics"], baseline=tables["baseline"],
+                    rules=tuple(rules[n] for n in order),
                     sources=tuple(layer.name for layer in layers))
     problems.extend(_check_policy(policy, where))
     if problems:
