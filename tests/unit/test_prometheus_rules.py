@@ -1,0 +1,276 @@
+"""The Prometheus alert rules and the Grafana dashboard in packaging/.
+
+The rules go through Prometheus's own tool: `promtool check rules` and
+`promtool test rules` with packaging/prometheus/conntrack-agent.rules.test.yml
+(input series for each alert, cases where it fires and where it must not).
+Mutations of the rules then show that those cases bite: each alert made to
+never fire, to fire unconditionally, or without its `for:` must fail the tests.
+
+The dashboard and the rules may only query the metrics the agent's exporter
+produces (the list below, with their labels), node-exporter's
+node_textfile_mtime_seconds and Prometheus's up: a renamed metric fails here,
+not silently on a dashboard.
+
+promtool comes from Debian's `prometheus` package (dev.sh installs it). Without
+it the promtool tests skip on a developer's machine and fail in CI (CI set).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Dict, List, Set, Tuple
+
+import pytest
+import yaml  # PyYAML: python3-yaml on Debian, python3-pyyaml on Fedora/RHEL
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMETHEUS = ROOT / "packaging" / "prometheus"
+RULES = PROMETHEUS / "conntrack-agent.rules.yml"
+RULES_TEST = PROMETHEUS / "conntrack-agent.rules.test.yml"
+RUNBOOK = PROMETHEUS / "RUNBOOK.md"
+
+# What the agent's exporter writes, with each metric's own labels. Prometheus
+# adds the target's labels (instance, job) to every series.
+EXPORTED: Dict[str, Set[str]] = {
+    "conntrack_agent_entries": {"netns"},
+    "conntrack_agent_entries_limit": set(),
+    "conntrack_agent_entries_limit_original": set(),
+    "conntrack_agent_entries_ceiling": set(),
+    "conntrack_agent_buckets": set(),
+    "conntrack_agent_fill_rate": {"netns"},
+    "conntrack_agent_time_to_full_seconds": {"netns"},
+    "conntrack_agent_pressure": {"netns"},
+    "conntrack_agent_timeout_seconds": {"netns", "name"},
+    "conntrack_agent_last_action_timestamp_seconds": set(),
+    "conntrack_agent_info": {"version"},
+    "conntrack_agent_stat_drop_total": {"netns"},
+    "conntrack_agent_stat_early_drop_total": {"netns"},
+    "conntrack_agent_stat_insert_failed_total": {"netns"},
+    "conntrack_agent_stat_clash_resolve_total": {"netns"},
+    "conntrack_agent_stat_chaintoolong_total": {"netns"},
+    "conntrack_agent_actions_total": {"rule", "action", "result"},
+    "conntrack_agent_evicted_entries_total": {"rule"},
+    "conntrack_agent_external_changes_total": {"sysctl"},
+}
+OTHERS: Dict[str, Set[str]] = {
+    "node_textfile_mtime_seconds": {"file"},  # node-exporter's textfile collector
+    "up": set(),                              # Prometheus, per scrape target
+}
+TARGET_LABELS = {"instance", "job"}
+KNOWN = dict(EXPORTED, **OTHERS)
+
+ALERTS = {
+    "ConntrackTableDropping", "ConntrackTableEarlyDrops", "ConntrackTableInsertFailed",
+    "ConntrackTableFullSoon", "ConntrackLimitAtCeiling", "ConntrackLimitRaised",
+    "ConntrackExternalChange", "ConntrackAgentActionFailed", "ConntrackAgentTextfileStale",
+    "ConntrackAgentDown", "ConntrackAgentMetricsAbsent",
+}
+
+# --------------------------------------------------------------------------- PromQL selectors
+
+_KEYWORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring",
+             "group_left", "group_right", "inf", "nan", "atan2"}
+_STRING = re.compile(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'|`[^`]*`')
+_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)")
+_TOKEN = re.compile(r"([A-Za-z_:][\w:]*)?\s*(\{[^{}]*\})?(\s*\()?")
+_MATCHER = re.compile(r"([A-Za-z_]\w*)\s*(?:=~|!~|!=|=)\s*\"\"")
+
+
+def selectors(expr: str) -> List[Tuple[str, Set[str]]]:
+    """(metric name, label names matched) of every vector selector in a PromQL
+    expression; Grafana's $variables allowed. Not a full parser: enough for the
+    expressions here, and tested below on the shapes they use."""
+    text = _STRING.sub('""', expr)                      # label values, regexes
+    text = re.sub(r"\[[^\]]*\]", " ", text)             # ranges, subqueries ([$__rate_interval])
+    text = re.sub(r"\$\{\w+(?::\w+)?\}|\$\w+", "0", text)   # Grafana variables outside strings
+    text = _GROUPING.sub(" ", text)                     # by (...), on (...), group_left (...)
+    found = []
+    for match in _TOKEN.finditer(text):
+        name, braces, call = match.groups()
+        if not name and not braces:
+            continue
+        if name and (call or name.lower() in _KEYWORDS):
+            continue  # a function, an aggregation or a keyword
+        if name and re.fullmatch(r"\d.*", name):
+            continue
+        labels = set(_MATCHER.findall(braces or ""))
+        found.append((name or "", labels))
+    return found
+
+
+def test_selectors_finds_names_and_labels_in_the_shapes_used():
+    # the checks below are only as good as this: it must see through functions,
+    # aggregations, grouping, strings, ranges and Grafana's variables
+    assert selectors('sum by (netns) (rate(conntrack_agent_stat_drop_total{instance=~"$instance"}[$__rate_interval]))') \
+        == [("conntrack_agent_stat_drop_total", {"instance"})]
+    assert selectors('conntrack_agent_entries / ignoring(netns) group_left conntrack_agent_entries_limit') \
+        == [("conntrack_agent_entries", set()), ("conntrack_agent_entries_limit", set())]
+    assert selectors('time() - node_textfile_mtime_seconds{file=~".*conntrack_agent\\\\.prom"} > 300') \
+        == [("node_textfile_mtime_seconds", {"file"})]
+    assert selectors('absent(conntrack_agent_info) or up{job="x", instance!="a{b}"} == bool 0') \
+        == [("conntrack_agent_info", set()), ("up", {"job", "instance"})]
+    assert selectors('{__name__=~"conntrack_.*"}') == [("", {"__name__"})]
+    assert selectors('conntrack_agent_last_action_timestamp_seconds{instance=~"${instance:regex}"} * 1000') \
+        == [("conntrack_agent_last_action_timestamp_seconds", {"instance"})]
+
+
+def unknown_names(expr: str) -> List[str]:
+    """What in an expression is not a known metric, or matches a label it does not have."""
+    problems = []
+    for name, labels in selectors(expr):
+        if name not in KNOWN:
+            problems.append("unknown metric %r" % name)
+        elif labels - KNOWN[name] - TARGET_LABELS:
+            problems.append("%s has no label %s" % (name, sorted(labels - KNOWN[name] - TARGET_LABELS)))
+    return problems
+
+
+def test_unknown_names_catches_a_typo_and_a_wrong_label():
+    assert unknown_names('rate(conntrack_agent_stat_drop_total[5m])') == []
+    assert unknown_names('rate(conntrack_agent_stat_drops_total[5m])') == ["unknown metric 'conntrack_agent_stat_drops_total'"]
+    assert unknown_names('conntrack_agent_entries_limit{netns="web"}') == ["conntrack_agent_entries_limit has no label ['netns']"]
+
+
+# --------------------------------------------------------------------------- the rules
+
+
+def _rules() -> List[Dict[str, Any]]:
+    data = yaml.safe_load(RULES.read_text())
+    return [rule for group in data["groups"] for rule in group["rules"]]
+
+
+def _alerts() -> Dict[str, Dict[str, Any]]:
+    alerts = {}
+    for rule in _rules():
+        assert "alert" in rule, "only alerting rules here: %r" % rule
+        assert rule["alert"] not in alerts, "duplicate alert %s" % rule["alert"]
+        alerts[rule["alert"]] = rule
+    return alerts
+
+
+def test_the_alerts_are_there():
+    assert set(_alerts()) == ALERTS
+
+
+def test_every_alert_has_severity_summary_description_and_a_runbook_section():
+    runbook = RUNBOOK.read_text()
+    # GitHub's anchors for "## Name" headings: lower case
+    anchors = {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-")
+               for h in re.findall(r"^#+ (.+)$", runbook, re.M)}
+    for name, rule in _alerts().items():
+        assert rule["labels"]["severity"] in ("critical", "warning", "info"), name
+        annotations = rule["annotations"]
+        assert {"summary", "description", "runbook_url"} <= set(annotations), name
+        url = annotations["runbook_url"]
+        assert url.startswith("https://github.com/conntrack-agent/conntrack-agent/blob/main/packaging/prometheus/RUNBOOK.md#"), url
+        anchor = url.split("#", 1)[1]
+        assert anchor == name.lower() and anchor in anchors, "RUNBOOK.md needs a section '## %s'" % name
+        # the section says how to check, with the tools named in it
+        section = runbook.split("## " + name, 1)[1].split("\n## ", 1)[0]
+        for heading in ("What it means", "How to check", "What to do"):
+            assert heading in section, "%s: RUNBOOK.md section lacks %r" % (name, heading)
+
+
+def test_rules_query_only_the_exported_metrics():
+    for name, rule in _alerts().items():
+        assert unknown_names(rule["expr"]) == [], name
+        assert selectors(rule["expr"]), name
+
+
+def test_the_shipped_thresholds():
+    alerts = _alerts()
+    # what the alerts promise in their descriptions and RUNBOOK.md
+    assert alerts["ConntrackTableFullSoon"]["expr"].strip() == "conntrack_agent_time_to_full_seconds < 60"
+    assert alerts["ConntrackTableFullSoon"]["for"] == "2m"
+    assert alerts["ConntrackAgentDown"]["for"] == "5m"
+    assert "> 300" in alerts["ConntrackAgentTextfileStale"]["expr"]
+    # the raised-limit alert is information, at once: no `for:` to wait out
+    assert alerts["ConntrackLimitRaised"]["labels"]["severity"] == "info"
+    assert "for" not in alerts["ConntrackLimitRaised"]
+    for counter in ("drop", "early_drop", "insert_failed"):
+        assert any("increase(conntrack_agent_stat_%s_total[5m]) > 0" % counter == a["expr"].strip()
+                   for a in alerts.values()), counter
+
+
+# --------------------------------------------------------------------------- promtool
+
+
+def _promtool() -> str:
+    path = shutil.which("promtool") or ("/usr/bin/promtool" if os.path.exists("/usr/bin/promtool") else None)
+    if path is None:
+        reason = "promtool not found (apt-get install prometheus)"
+        if os.environ.get("CI"):
+            pytest.fail(reason, pytrace=False)  # CI installs it: a skip there would hide a broken rule
+        pytest.skip(reason)
+    return path
+
+
+def _run(*args: str, cwd: Path = PROMETHEUS) -> subprocess.CompletedProcess:
+    return subprocess.run([_promtool()] + list(args), cwd=str(cwd), capture_output=True, text=True, timeout=120)
+
+
+def test_promtool_checks_the_rules():
+    proc = _run("check", "rules", RULES.name)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SUCCESS: %d rules found" % len(ALERTS) in proc.stdout
+
+
+def test_promtool_unit_tests_pass():
+    proc = _run("test", "rules", RULES_TEST.name)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SUCCESS" in proc.stdout
+
+
+def test_every_alert_has_a_firing_and_a_quiet_case():
+    """Statically: each alert has an eval with expected alerts and one with none."""
+    tests = yaml.safe_load(RULES_TEST.read_text())
+    assert tests["rule_files"] == [RULES.name]
+    firing: Set[str] = set()
+    quiet: Set[str] = set()
+    for group in tests["tests"]:
+        for case in group.get("alert_rule_test", []):
+            (firing if case.get("exp_alerts") else quiet).add(case["alertname"])
+    assert firing == ALERTS and quiet == ALERTS
+
+
+def _mutated(tmp_path: Path, alert: str, change) -> subprocess.CompletedProcess:
+    """promtool test rules against a copy of the rules with one alert changed."""
+    data = yaml.safe_load(RULES.read_text())
+    for group in data["groups"]:
+        for rule in group["rules"]:
+            if rule.get("alert") == alert:
+                change(rule)
+    (tmp_path / RULES.name).write_text(yaml.safe_dump(data, sort_keys=False))
+    shutil.copy(RULES_TEST, tmp_path / RULES_TEST.name)
+    return _run("test", "rules", RULES_TEST.name, cwd=tmp_path)
+
+
+def _unconditional(expr: str) -> str:
+    """The expression without its final comparison: every series it selects is active."""
+    match = re.match(r"^(.*?)\s*(?:>=|<=|==|!=|>|<)\s*[^<>=!]+$", expr.strip(), re.S)
+    if match:
+        return match.group(1)
+    assert expr.startswith("absent("), expr
+    return "vector(1)"  # absent() unconditionally: present with no labels
+
+
+@pytest.mark.parametrize("alert", sorted(ALERTS))
+def test_the_unit_tests_catch_an_alert_that_never_fires(alert, tmp_path):
+    proc = _mutated(tmp_path, alert, lambda rule: rule.update(expr="vector(1) < 0"))
+    assert proc.returncode != 0 and "alertname: %s," % alert in proc.stdout + proc.stderr, proc.stdout
+
+
+@pytest.mark.parametrize("alert", sorted(ALERTS))
+def test_the_unit_tests_catch_an_alert_that_always_fires(alert, tmp_path):
+    proc = _mutated(tmp_path, alert, lambda rule: rule.update(expr=_unconditional(rule["expr"])))
+    assert proc.returncode != 0 and "alertname: %s," % alert in proc.stdout + proc.stderr, proc.stdout
+
+
+@pytest.mark.parametrize("alert", sorted(a for a, r in _alerts().items() if "for" in r))
+def test_the_unit_tests_catch_a_missing_for(alert, tmp_path):
+    proc = _mutated(tmp_path, alert, lambda rule: rule.pop("for"))
+    assert proc.returncode != 0 and "alertname: %s," % alert in proc.stdout + proc.stderr, proc.stdout
