@@ -17,12 +17,13 @@ it the promtool tests skip on a developer's machine and fail in CI (CI set).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any, Dict, List, Set, Tuple
+from typing import Any, Dict, Iterator, List, Set, Tuple
 
 import pytest
 import yaml  # PyYAML: python3-yaml on Debian, python3-pyyaml on Fedora/RHEL
@@ -32,6 +33,7 @@ PROMETHEUS = ROOT / "packaging" / "prometheus"
 RULES = PROMETHEUS / "conntrack-agent.rules.yml"
 RULES_TEST = PROMETHEUS / "conntrack-agent.rules.test.yml"
 RUNBOOK = PROMETHEUS / "RUNBOOK.md"
+DASHBOARD = ROOT / "packaging" / "grafana" / "conntrack-agent.json"
 
 # What the agent's exporter writes, with each metric's own labels. Prometheus
 # adds the target's labels (instance, job) to every series.
@@ -274,3 +276,93 @@ def test_the_unit_tests_catch_an_alert_that_always_fires(alert, tmp_path):
 def test_the_unit_tests_catch_a_missing_for(alert, tmp_path):
     proc = _mutated(tmp_path, alert, lambda rule: rule.pop("for"))
     assert proc.returncode != 0 and "alertname: %s," % alert in proc.stdout + proc.stderr, proc.stdout
+# --------------------------------------------------------------------------- the Grafana dashboard
+
+
+@pytest.fixture(scope="module")
+def dashboard() -> Dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())  # valid JSON, or this fails
+
+
+def _panels(dashboard: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
+    for panel in dashboard["panels"]:
+        yield panel
+        yield from panel.get("panels", [])  # inside collapsed rows
+
+
+def _queries(dashboard: Dict[str, Any]) -> Iterator[Tuple[str, Dict[str, Any]]]:
+    """(where, query) for every PromQL query: panel targets and annotations."""
+    for panel in _panels(dashboard):
+        for target in panel.get("targets", []):
+            yield "panel %r" % panel.get("title"), target
+    for annotation in dashboard["annotations"]["list"]:
+        if annotation.get("expr"):
+            yield "annotation %r" % annotation["name"], annotation
+
+
+def test_dashboard_is_an_importable_model(dashboard):
+    # The import form asks for the Prometheus data source and substitutes it.
+    (source,) = dashboard["__inputs"]
+    assert source == {"name": "DS_PROMETHEUS", "label": "Prometheus", "description": source.get("description", ""),
+                      "type": "datasource", "pluginId": "prometheus", "pluginName": "Prometheus"}
+    assert any(r["type"] == "datasource" and r["id"] == "prometheus" for r in dashboard["__requires"])
+    assert dashboard["uid"] and dashboard["title"] and dashboard.get("id") is None
+    assert isinstance(dashboard["schemaVersion"], int)
+    ids = [p["id"] for p in _panels(dashboard)]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+
+
+def test_every_data_source_is_the_input(dashboard):
+    def refs(node: Any) -> Iterator[Any]:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "datasource":
+                    yield value
+                else:
+                    yield from refs(value)
+        elif isinstance(node, list):
+            for item in node:
+                yield from refs(item)
+    found = list(refs({k: v for k, v in dashboard.items() if k != "__inputs"}))
+    assert found
+    for ref in found:
+        # Grafana's built-in annotation source ("-- Grafana --") is the one exception
+        if isinstance(ref, dict) and ref.get("type") == "grafana":
+            continue
+        assert ref == {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}, ref
+
+
+def test_node_variable_selects_instances_of_the_agent(dashboard):
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    node = variables["instance"]
+    assert node["type"] == "query"
+    query = node["query"]["query"] if isinstance(node["query"], dict) else node["query"]
+    match = re.fullmatch(r"label_values\((.+),\s*instance\)", query)
+    assert match and unknown_names(match.group(1)) == [], query
+    assert node["datasource"] == {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
+
+
+def test_every_query_uses_only_the_exported_metrics_and_is_per_node(dashboard):
+    queries = list(_queries(dashboard))
+    assert len(queries) >= 10
+    for where, query in queries:
+        expr = query["expr"]
+        assert unknown_names(expr) == [], "%s: %s" % (where, expr)
+        for name, labels in selectors(expr):
+            assert "instance" in labels, "%s: %s is not filtered by $instance" % (where, name)
+        assert '"$instance"' in expr or "'$instance'" in expr, "%s: %s" % (where, expr)
+
+
+def test_dashboard_shows_what_it_promises(dashboard):
+    exprs = " ".join(q["expr"] for _, q in _queries(dashboard))
+    names = {name for _, q in _queries(dashboard) for name, _ in selectors(q["expr"])}
+    for needed in ("conntrack_agent_entries", "conntrack_agent_entries_limit", "conntrack_agent_entries_limit_original",
+                   "conntrack_agent_entries_ceiling", "conntrack_agent_fill_rate", "conntrack_agent_time_to_full_seconds",
+                   "conntrack_agent_stat_drop_total", "conntrack_agent_stat_early_drop_total",
+                   "conntrack_agent_stat_insert_failed_total", "conntrack_agent_actions_total"):
+        assert needed in names, needed
+    assert "rate(conntrack_agent_stat_drop_total" in exprs
+    # the agent's actions appear as annotations on the time series
+    actions = [a for a in dashboard["annotations"]["list"] if "conntrack_agent_actions_total" in a.get("expr", "")]
+    assert any(a["enable"] and 'result!="dry_run"' in a["expr"] for a in actions)  # on by default: real actions
+    assert all("{{rule}}" in a["titleFormat"] and "rule" in a["tagKeys"] for a in actions)
