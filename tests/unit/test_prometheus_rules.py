@@ -239,18 +239,6 @@ def test_every_alert_has_a_firing_and_a_quiet_case():
     assert firing == ALERTS and quiet == ALERTS
 
 
-def _mutated(tmp_path: Path, alert: str, change) -> subprocess.CompletedProcess:
-    """promtool test rules against a copy of the rules with one alert changed."""
-    data = yaml.safe_load(RULES.read_text())
-    for group in data["groups"]:
-        for rule in group["rules"]:
-            if rule.get("alert") == alert:
-                change(rule)
-    (tmp_path / RULES.name).write_text(yaml.safe_dump(data, sort_keys=False))
-    shutil.copy(RULES_TEST, tmp_path / RULES_TEST.name)
-    return _run("test", "rules", RULES_TEST.name, cwd=tmp_path)
-
-
 def _unconditional(expr: str) -> str:
     """The expression without its final comparison: every series it selects is active."""
     match = re.match(r"^(.*?)\s*(?:>=|<=|==|!=|>|<)\s*[^<>=!]+$", expr.strip(), re.S)
@@ -260,22 +248,60 @@ def _unconditional(expr: str) -> str:
     return "vector(1)"  # absent() unconditionally: present with no labels
 
 
-@pytest.mark.parametrize("alert", sorted(ALERTS))
-def test_the_unit_tests_catch_an_alert_that_never_fires(alert, tmp_path):
-    proc = _mutated(tmp_path, alert, lambda rule: rule.update(expr="vector(1) < 0"))
-    assert proc.returncode != 0 and "alertname: %s," % alert in proc.stdout + proc.stderr, proc.stdout
+MUTATIONS = {
+    "never fires": lambda rule: rule.update(expr="vector(1) < 0"),
+    "always fires": lambda rule: rule.update(expr=_unconditional(rule["expr"])),
+    "no for": lambda rule: rule.pop("for"),
+}
+MUTANTS = [(alert, kind) for alert in sorted(ALERTS) for kind in MUTATIONS
+           if kind != "no for" or "for" in _alerts()[alert]]
 
 
-@pytest.mark.parametrize("alert", sorted(ALERTS))
-def test_the_unit_tests_catch_an_alert_that_always_fires(alert, tmp_path):
-    proc = _mutated(tmp_path, alert, lambda rule: rule.update(expr=_unconditional(rule["expr"])))
-    assert proc.returncode != 0 and "alertname: %s," % alert in proc.stdout + proc.stderr, proc.stdout
+@pytest.fixture(scope="module")
+def mutant_runs(tmp_path_factory) -> Dict[Tuple[str, str], Tuple[int, str]]:
+    """(alert, mutation) -> (promtool's exit status, output), for every mutant.
+
+    Each mutant is a copy of the rules with one alert changed, tested with the
+    cases of the test file that evaluate that alert (the rest cannot notice);
+    the promtool runs go in parallel, a few at a time."""
+    tests = yaml.safe_load(RULES_TEST.read_text())
+    jobs = []
+    for alert, kind in MUTANTS:
+        work = tmp_path_factory.mktemp("mutant")
+        data = yaml.safe_load(RULES.read_text())
+        for group in data["groups"]:
+            for rule in group["rules"]:
+                if rule.get("alert") == alert:
+                    MUTATIONS[kind](rule)
+        (work / RULES.name).write_text(yaml.safe_dump(data, sort_keys=False))
+        groups = []
+        for group in tests["tests"]:
+            cases = [c for c in group.get("alert_rule_test", []) if c["alertname"] == alert]
+            if cases:
+                groups.append(dict(group, alert_rule_test=cases))
+        (work / RULES_TEST.name).write_text(yaml.safe_dump(dict(tests, tests=groups), sort_keys=False))
+        jobs.append(((alert, kind), work))
+    promtool = _promtool()
+    results: Dict[Tuple[str, str], Tuple[int, str]] = {}
+    width = max(2, os.cpu_count() or 2)
+    for start in range(0, len(jobs), width):
+        running = [(key, subprocess.Popen([promtool, "test", "rules", RULES_TEST.name], cwd=str(work),
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+                   for key, work in jobs[start:start + width]]
+        for key, proc in running:
+            out, _ = proc.communicate(timeout=120)
+            results[key] = (proc.returncode, out)
+    return results
 
 
-@pytest.mark.parametrize("alert", sorted(a for a, r in _alerts().items() if "for" in r))
-def test_the_unit_tests_catch_a_missing_for(alert, tmp_path):
-    proc = _mutated(tmp_path, alert, lambda rule: rule.pop("for"))
-    assert proc.returncode != 0 and "alertname: %s," % alert in proc.stdout + proc.stderr, proc.stdout
+@pytest.mark.parametrize("alert,kind", MUTANTS, ids=["%s-%s" % (a, k.replace(" ", "-")) for a, k in MUTANTS])
+def test_the_unit_tests_catch_a_mutated_alert(alert, kind, mutant_runs):
+    # never fires: the alert has a firing case; always fires: a quiet case with
+    # series it selects; no for: a case inside the for: window
+    returncode, out = mutant_runs[(alert, kind)]
+    assert returncode != 0 and "alertname: %s," % alert in out, out
+
+
 # --------------------------------------------------------------------------- the Grafana dashboard
 
 
