@@ -1,8 +1,8 @@
-"""Boot a throw-away Debian 12 under systemd-nspawn with the agent installed.
+"""Boot a throw-away Debian 12 (or 13) under systemd-nspawn with the agent installed.
 
 The root file system is built once with debootstrap and cached under
-CACHE_DIR, keyed on the suite, mirror and package list (a changed list builds
-a new one). Each run boots an overlayfs on top of the cache, so a run never
+CACHE_DIR, keyed on the suite (bookworm by default; trixie for Debian 13),
+mirror and package list (a changed list builds a new one). Each run boots an overlayfs on top of the cache, so a run never
 changes the cache and its writes vanish with the overlay.
 
 The container shares the host's network namespace and, with
@@ -31,7 +31,10 @@ import time
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
-SUITE = "bookworm"
+SUITE = "bookworm"  # the default: Debian 12, what the agent is developed on
+# Debian releases the package is installed on by tests/system/test_deb_install.py:
+# suite -> version. The .deb built on Debian 12 must install and run on each.
+SUITES = {"bookworm": "12", "trixie": "13"}
 MIRROR = os.environ.get("CONNTRACK_AGENT_TEST_MIRROR", "http://deb.debian.org/debian")
 CACHE_DIR = Path(os.environ.get("CONNTRACK_AGENT_TEST_CACHE", "/var/cache/conntrack-agent-tests"))
 RUN_DIR = Path("/var/tmp/conntrack-agent-tests")
@@ -76,16 +79,18 @@ def _run(argv: Sequence[str], timeout: float = 600, check: bool = True, **kw: ob
 # ------------------------------------------------------------------ the cached root
 
 
-def image_key(packages: Iterable[str] = PACKAGES) -> str:
-    text = json.dumps({"suite": SUITE, "mirror": MIRROR, "variant": "minbase",
+def image_key(packages: Iterable[str] = PACKAGES, suite: str = SUITE) -> str:
+    text = json.dumps({"suite": suite, "mirror": MIRROR, "variant": "minbase",
                        "packages": sorted(set(packages))}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def ensure_image(packages: Iterable[str] = PACKAGES) -> Path:
-    """The cached root for this package list, built on first use (~1 minute)."""
+def ensure_image(packages: Iterable[str] = PACKAGES, suite: str = SUITE) -> Path:
+    """The cached root of ``suite`` with this package list, built on first use (~1 minute)."""
+    if suite not in SUITES:
+        raise HarnessError("unknown suite %r (known: %s)" % (suite, ", ".join(SUITES)))
     packages = sorted(set(packages))
-    root = CACHE_DIR / ("%s-%s" % (SUITE, image_key(packages))) / "root"
+    root = CACHE_DIR / ("%s-%s" % (suite, image_key(packages, suite))) / "root"
     if (root.parent / "complete").exists():
         return root
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
@@ -96,11 +101,12 @@ def ensure_image(packages: Iterable[str] = PACKAGES) -> Path:
         building = root.parent / "building"
         shutil.rmtree(building, ignore_errors=True)
         building.parent.mkdir(parents=True, exist_ok=True)
-        _run(["debootstrap", "--variant=minbase", "--include=" + ",".join(packages), SUITE,
+        _run(["debootstrap", "--variant=minbase", "--include=" + ",".join(packages), suite,
               str(building), MIRROR], timeout=1800)
         shutil.rmtree(root, ignore_errors=True)
         building.rename(root)
-        (root.parent / "complete").write_text(json.dumps({"packages": packages, "built": time.time()}))
+        (root.parent / "complete").write_text(json.dumps({"suite": suite, "packages": packages,
+                                                          "built": time.time()}))
     return root
 
 
@@ -288,6 +294,6 @@ def _find_init(nspawn_pid: int) -> Optional[int]:
 
 @contextlib.contextmanager
 def booted(binds: Sequence[str] = (), packages: Iterable[str] = PACKAGES,
-           install_tree: bool = True) -> Iterator[Container]:
-    with Container(ensure_image(packages), binds=binds, install_tree=install_tree) as container:
+           install_tree: bool = True, suite: str = SUITE) -> Iterator[Container]:
+    with Container(ensure_image(packages, suite), binds=binds, install_tree=install_tree) as container:
         yield container
