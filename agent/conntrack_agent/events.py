@@ -65,6 +65,9 @@ EVENTS: Dict[str, EventKind] = {
     "metrics_unavailable": EventKind("a1c3e5f7092b4d6f8a0c2e4b6d8f1a35", WARNING,
                                      "cannot write the metrics textfile {path} ({error}); the agent works on "
                                      "without it and says so once"),
+    "baseline_applied": EventKind("2d4f6a8c0e1b4a3c5e7d9f1b3c5a7e92", INFO,
+                                  "{verb}baseline applied in {netns_label}: {changes}{detail}",
+                                  verbs=("", "would have ")),
     "restore_skipped": EventKind("77c1d2a9e5b04f3c8a6d9e2f1b0c4a57", WARNING,
                                  "not restoring {name} in {netns_label}: {reason}"),
     "reload_failed": EventKind("ddc94c70b5a745078fe0e2ff665e9234", ERR,

@@ -137,6 +137,8 @@ class Agent:
                                kernel=self.kernel)
 
     def _probe(self) -> None:
+        """Open what is not open yet (a module loaded, a namespace appeared), and bring
+        what opened to the baseline."""
         opened, failed = self.sampler.open_missing()
         for name, why in failed.items():
             logsetup.emit(self.log, "conntrack_unavailable", netns=name, netns_label=netns_label(name), error=why)
@@ -147,6 +149,60 @@ class Agent:
                           count=reading.count, max=reading.max, buckets=reading.buckets, source=probe.source,
                           fallback_reason=probe.fallback_reason)
         self._next_probe = self.clock() + REPROBE_INTERVAL
+        if opened:
+            self.apply_baseline(opened)
+
+    def probe_now(self) -> None:
+        """nf_conntrack was just loaded (a kernel uevent): no need to wait for the reprobe."""
+        if self.sampler.unavailable:
+            self._probe()
+
+    def apply_baseline(self, namespaces: List[str]) -> None:
+        """The admin's [baseline] in each given namespace (max and buckets once, from the
+        agent's own namespace). Not recorded: baseline values are not the agent's."""
+        from . import baseline
+
+        spec = self.policy.baseline
+        if spec.empty:
+            return
+        values = baseline.wanted(spec, self._sysctl_d_values() if spec.from_sysctl_d else None)
+        owned = {(c.netns, c.name) for c in self.journal.entries()}
+        for name in namespaces:
+            current = {}
+            for sysctl in values:
+                try:
+                    current[sysctl] = self.kernel.read_sysctl(name, sysctl)
+                except OSError:
+                    continue   # a sysctl this kernel or namespace lacks: nothing to bring up
+            mine = frozenset(s for (ns, s) in owned if ns == name or s in baseline.GLOBALS)
+            writes = baseline.plan(values, current, mine, global_scope=(name == ""))
+            done, failed = [], []
+            for write in writes:
+                if self.policy.agent.dry_run:
+                    done.append(write)
+                    continue
+                try:
+                    self.kernel.write_sysctl(name, write.name, write.value)
+                    done.append(write)
+                except OSError as exc:
+                    failed.append(f"{write.name}: {exc.strerror or exc}")
+            if done or failed:
+                changes = ", ".join(f"{w.name[len('nf_conntrack_'):]} {w.current}→{w.value} ({w.source})"
+                                    for w in done) or "nothing"
+                logsetup.emit(self.log, "baseline_applied", self.policy.agent.dry_run, netns=name,
+                              netns_label=netns_label(name), changes=changes,
+                              failed="; ".join(failed) or None,
+                              detail=("; could not write " + "; ".join(failed)) if failed else "")
+
+    def _sysctl_d_values(self) -> Dict[str, Any]:
+        """The net.netfilter.nf_conntrack_* lines of sysctl.d, in systemd-sysctl's order."""
+        from . import sysctld
+
+        values, problems = sysctld.conntrack_values()
+        for problem in problems:
+            logsetup.emit(self.log, "baseline_applied", self.policy.agent.dry_run, netns="", netns_label="sysctl.d",
+                          changes="nothing", failed=problem, detail=f"; {problem}")
+        return values
 
     def _recover_ownership(self) -> None:
         """After a start: keep owning what is still the agent's value, settle writes a
