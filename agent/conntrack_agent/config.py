@@ -11,11 +11,15 @@ A policy is built in layers, as systemd does with its own configuration:
 
 Tables merge key by key; `[[rule]]` entries merge by `name`, so a drop-in can tune
 or disable (`enabled = false`) one shipped rule without copying the others. An
-empty file therefore means the built-in defaults.
+empty file therefore means the built-in defaults. Within one file a rule is named
+once, and a later file changes a rule's action only with that action's table.
 
-Every key is checked: unknown keys (typos), wrong types and out-of-range values
-are errors naming the file, the line, the key path and the expected and actual
-value. Nothing partial is ever returned: a policy is whole or it is an error.
+Every file must be a regular file of at most 1 MiB (read_policy_file), TOML within
+tomlfile's limits. Every key is checked: unknown keys (typos), wrong types and
+out-of-range values are errors naming the file, the line, the key path and the
+expected and actual value; then the checks across keys (_check_rule,
+_check_policy). Nothing partial is ever returned: a policy is whole or it is a
+PolicyError, and loading raises nothing else.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ from .checks import (  # noqa: F401 (the value kinds are part of this module's A
     text,
     type_name,
 )
-from .evictspec import KERNEL_TCP_TIMEOUT_ESTABLISHED, PROTOCOLS, SELECTABLE_TCP_STATES, EvictSpec, narrowing
+from .evictspec import PROTOCOLS  # noqa: F401 (re-exported: the policy's protocol names)
+from .evictspec import KERNEL_TCP_TIMEOUT_ESTABLISHED, SELECTABLE_TCP_STATES, EvictSpec, narrowing
 from .evictspec import SCHEMA as EVICT_SCHEMA
 from .model import DEFAULT_OVERHEAD_BYTES
 

@@ -131,6 +131,11 @@ _BASIC = re.compile(r'"([^"\\\n]*(?:\\.[^"\\\n]*)*)"')
 _LITERAL = re.compile(r"'([^'\n]*)'")
 # A bare run inside a value: a number, boolean or date, or an inline table's key.
 _BARE_VALUE = re.compile(r"""[^\s"'\[\]{},=#]+""")
+# Outside an inline table's keys: everything up to a character that changes state.
+_PLAIN_RUN = re.compile(r"""[^"'\[\]{}#\n=]+""")
+_PLAIN_IN_TABLE = re.compile(r"""[^"'\[\]{}#\n=,]+""")
+# Tokens that may break MAX_INT_DIGITS or MAX_BARE_VALUE (both need more than 20).
+_LONG_TOKEN = re.compile(r"""[^\s"'\[\]{},=#]{%d,}""" % (MAX_INT_DIGITS + 1))
 _INTEGER = re.compile(r"[+-]?(?:0x[0-9A-Fa-f_]+|0o[0-7_]+|0b[01_]+|[0-9_]+)")
 _ESCAPE = re.compile(r"\\(u[0-9A-Fa-f]{4}|U[0-9A-Fa-f]{8}|.)")
 _ESCAPES = {"b": "\b", "t": "\t", "n": "\n", "f": "\f", "r": "\r", "e": "\x1b", '"': '"', "\\": "\\"}
@@ -310,17 +315,25 @@ class _Scanner:
             elif c == "=":
                 key_mode = False
                 self.pos += 1
-            else:
-                match = _BARE_VALUE.match(text, self.pos)
+            elif not key_mode:
+                # Scalars, commas and blanks up to the next bracket, quote, comment
+                # or line end, in one step: only tokens long enough to break a
+                # limit are looked at one by one.
+                in_table = stack and stack[-1][0] == "{"  # where a comma starts a key
+                match = (_PLAIN_IN_TABLE if in_table else _PLAIN_RUN).match(text, self.pos)
                 if match is None:  # a character no rule covers: let tomllib name it
                     self.pos += 1
                     continue
-                token = match.group(0)
-                if key_mode:
-                    base += token.count(".")
-                    self._too_deep(base)
-                else:
-                    self._bare_value(token)
+                for long in _LONG_TOKEN.finditer(match.group(0)):
+                    self._bare_value(long.group(0))
+                self.pos = match.end()
+            else:
+                match = _BARE_VALUE.match(text, self.pos)
+                if match is None:
+                    self.pos += 1
+                    continue
+                base += match.group(0).count(".")
+                self._too_deep(base)
                 self.pos = match.end()
 
     def _bare_value(self, token: str) -> None:
