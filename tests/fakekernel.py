@@ -153,6 +153,9 @@ class FakeKernel(Kernel):
         self._namespace(netns_name)
         return FakeProbe(self, netns_name)
 
+    def sysctl_names(self, netns_name: str) -> List[str]:
+        return sorted(set(GLOBALS) | set(self._namespace(netns_name).sysctls))
+
     def namespace_exists(self, netns_name: str) -> bool:
         return netns_name in self.namespaces
 

@@ -18,7 +18,7 @@ max outside the initial namespace) from one worth retrying.
 from __future__ import annotations
 
 import errno
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from . import ctnetlink, model, netns, procfs
 
@@ -80,6 +80,10 @@ class Kernel:
         raise NotImplementedError
 
     def open_probe(self, netns_name: str) -> Probe:
+        raise NotImplementedError
+
+    def sysctl_names(self, netns_name: str) -> List[str]:
+        """The netfilter sysctls present (for sysctl.d globs)."""
         raise NotImplementedError
 
     def namespace_exists(self, netns_name: str) -> bool:
@@ -174,6 +178,11 @@ class LinuxKernel(Kernel):
 
     def open_probe(self, netns_name: str) -> Probe:
         return LinuxProbe(netns_name)
+
+    def sysctl_names(self, netns_name: str) -> List[str]:
+        import os
+        with netns.entered(netns_name):
+            return sorted(os.listdir(procfs.SYSCTL_DIR))
 
     def namespace_exists(self, netns_name: str) -> bool:
         return netns.exists(netns_name)

@@ -195,13 +195,25 @@ class Agent:
                               detail=("; could not write " + "; ".join(failed)) if failed else "")
 
     def _sysctl_d_values(self) -> Dict[str, Any]:
-        """The net.netfilter.nf_conntrack_* lines of sysctl.d, in systemd-sysctl's order."""
+        """The net.netfilter.nf_conntrack_* lines of sysctl.d, in systemd-sysctl's order
+        ({sysctl: (value, "file:line")}); globs resolved against the sysctls present."""
         from . import sysctld
 
-        values, problems = sysctld.conntrack_values()
-        for problem in problems:
-            logsetup.emit(self.log, "baseline_applied", self.policy.agent.dry_run, netns="", netns_label="sysctl.d",
-                          changes="nothing", failed=problem, detail=f"; {problem}")
+        settings = sysctld.read()
+        try:
+            present = ["net.netfilter." + n for n in self.kernel.sysctl_names("")]
+        except OSError:
+            present = []
+        values = {}
+        for key, assignment in settings.resolve(present).items():
+            name = key.rsplit(".", 1)[-1]
+            if name.startswith("nf_conntrack_") and name != "nf_conntrack_count":
+                values[name] = (assignment.value, f"{assignment.file}:{assignment.line}")
+        if settings.problems:
+            logsetup.emit(self.log, "baseline_applied", self.policy.agent.dry_run, netns="",
+                          netns_label="sysctl.d", changes="nothing",
+                          failed="; ".join(str(p) for p in settings.problems[:5]),
+                          detail="; sysctl.d problems: " + "; ".join(str(p) for p in settings.problems[:5]))
         return values
 
     def _recover_ownership(self) -> None:

@@ -94,3 +94,28 @@ def test_plan_is_pure_and_prefers_the_policy_over_sysctl_d():
     writes = baseline.plan(values, {"nf_conntrack_max": 150, UDP: 30}, frozenset(), global_scope=True)
     assert [(w.name, w.value, w.current) for w in writes] == [("nf_conntrack_max", 200, 150), (UDP, 15, 30)]
     assert baseline.plan(values, {"nf_conntrack_max": 150}, frozenset(), global_scope=False) == []
+
+
+def test_from_sysctl_d_applies_the_lines_systemd_sysctl_could_not(tmp_path, monkeypatch):
+    """The lines of sysctl.d (read in systemd-sysctl's order) become the baseline; the
+    policy's own values win; globs name the sysctls present."""
+    from conntrack_agent import sysctld
+    root = tmp_path / "root"
+    (root / "etc/sysctl.d").mkdir(parents=True)
+    (root / "usr/lib/sysctl.d").mkdir(parents=True)
+    (root / "usr/lib/sysctl.d/50-vendor.conf").write_text("net.netfilter.nf_conntrack_max = 100000\n")
+    (root / "etc/sysctl.d/90-admin.conf").write_text(
+        "net.netfilter.nf_conntrack_max = 131072\nnet/netfilter/nf_conntrack_udp_timeout = 25\n"
+        "net.netfilter.nf_conntrack_tcp_timeout_*_wait = 40\n")
+    real_read = sysctld.read
+    monkeypatch.setattr(sysctld, "read", lambda root_=str(root), order="systemd": real_read(root_, order))
+    kernel = FakeKernel(maximum=7680)
+    rig = Rig(tmp_path, kernel)
+    policy(rig, 'from_sysctl_d = true\ntimeouts = { udp_timeout = "20s" }')
+    rig.start()
+    assert kernel.globals["nf_conntrack_max"] == 131072
+    assert rig.udp() == 20                                           # the policy wins
+    ns = kernel.namespaces[""].sysctls
+    assert ns["nf_conntrack_tcp_timeout_time_wait"] == 40 and ns["nf_conntrack_tcp_timeout_close_wait"] == 40
+    changes = rig.events.of("baseline_applied")[0]["changes"]
+    assert "90-admin.conf:1" in changes
