@@ -211,6 +211,8 @@ class AgentSettings:
     state_file: str = "/var/lib/conntrack-agent/state.json"
     on_external_change: str = "back_off"
     log_format: str = "auto"
+    # Reload when the policy files change (a Kubernetes ConfigMap's update), as SIGHUP does.
+    watch_policy: bool = False
 
 
 @dataclass(frozen=True)
@@ -403,6 +405,7 @@ _SCHEMA: Dict[str, Dict[str, Check]] = {
         "state_file": state_path,
         "on_external_change": choice("back_off", "reassert"),
         "log_format": choice("auto", "console", "json", "journal"),
+        "watch_policy": boolean,
     },
     "limits": {
         "memory_share": number(0.001, MAX_MEMORY_SHARE),

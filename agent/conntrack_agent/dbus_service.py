@@ -368,6 +368,7 @@ class GLibLoop:
 
         self._loop = GLib.MainLoop()
         self._signal_sources: List[int] = []
+        self._readers: Dict[int, int] = {}   # fd -> source id
         self.on_error: Callable[[BaseException], None] = print_exception
 
     def _call(self, callback: Callable[..., None], *args: Any) -> None:
@@ -395,6 +396,17 @@ class GLibLoop:
         source = GLib.unix_signal_add(GLib.PRIORITY_HIGH, signal.Signals(signum), handler)
         self._signal_sources.append(source)
         return source
+
+    def on_readable(self, fd: int, callback: Callable[[], None]) -> None:
+        def handler(_fd: int, _condition: Any) -> bool:
+            self._call(callback)
+            return True
+        self._readers[fd] = GLib.unix_fd_add_full(GLib.PRIORITY_DEFAULT, fd, GLib.IOCondition.IN, handler)
+
+    def remove_readable(self, fd: int) -> None:
+        source_id = self._readers.pop(fd, None)
+        if source_id is not None:
+            self.cancel(source_id)
 
     def cancel(self, source_id: int) -> None:
         # A one-shot source is gone once it ran; removing it again would be a

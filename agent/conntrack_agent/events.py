@@ -68,6 +68,9 @@ EVENTS: Dict[str, EventKind] = {
     "baseline_applied": EventKind("2d4f6a8c0e1b4a3c5e7d9f1b3c5a7e92", INFO,
                                   "{verb}baseline applied in {netns_label}: {changes}{detail}",
                                   verbs=("", "would have ")),
+    "policy_watched": EventKind("6e8a0c2e4b6d4f8a9c1e3a5c7e9b1d24", INFO,
+                                "reloading by itself when the policy changes in {directories} "
+                                "(agent.watch_policy)"),
     "restore_skipped": EventKind("77c1d2a9e5b04f3c8a6d9e2f1b0c4a57", WARNING,
                                  "not restoring {name} in {netns_label}: {reason}"),
     "reload_failed": EventKind("ddc94c70b5a745078fe0e2ff665e9234", ERR,

@@ -95,6 +95,15 @@ class Agent:
             loaded = replace(loaded, agent=replace(loaded.agent, dry_run=True))
         return loaded
 
+    def policy_directories(self) -> List[str]:
+        """Where the policy comes from: the directories a policy watcher watches."""
+        from . import policywatch
+
+        if self.policy_path:
+            return policywatch.directories_of([self.policy_path])
+        return policywatch.directories_of([os.path.join(config.ETC_DIR, config.MAIN_NAME),
+                                           os.path.join(config.VENDOR_DIR, config.MAIN_NAME)])
+
     @property
     def policy_label(self) -> str:
         return ", ".join(self.policy.sources) or "built-in defaults"

@@ -603,3 +603,29 @@ def test_plan_and_status_show_what_the_running_agent_owns_without_dbus(ns, tmp_p
     assert f"nf_conntrack_max: {raised['new']} (original {low}, rule grow-table)" in plan.stdout
     assert "restore:" in plan.stdout and "source: agent (" in plan.stdout
     assert "grow-table (raise_max):" in plan.stdout
+
+
+def test_a_configmap_update_is_reloaded_without_a_restart_and_a_bad_one_kept_out(ns, tmp_path):
+    """agent.watch_policy with the kubelet's layout: a new `..data` is loaded as SIGHUP
+    would load it; a broken one is refused and the running policy stays."""
+    import sys as _sys
+    _sys.path.insert(0, str(REPO / "tests" / "unit"))
+    from test_policywatch import configmap
+
+    mount = tmp_path / "configmap"
+    mount.mkdir()
+    base = (f'[agent]\nstate_file = "{tmp_path}/state.json"\nnamespaces = ["{ns.name}"]\n'
+            'watch_policy = true\n')
+    configmap(mount, "1", base)
+    agent = AgentProcess(mount / "policy.toml")
+    try:
+        agent.wait_for(lambda e: e.get("event") == "policy_watched")
+        configmap(mount, "2", base + 'interval = "2s"\n')
+        loaded = agent.wait_for(lambda e: e.get("event") == "policy_loaded", timeout=10)
+        assert "interval 2s" in loaded.get("rules", "") or loaded["policy"]
+        configmap(mount, "3", base + 'interval = "two seconds"\n')
+        refused = agent.wait_for(lambda e: e.get("event") == "policy_invalid", timeout=10)
+        assert "agent.interval" in refused["error"]
+        assert agent.proc.poll() is None                     # still running, old policy kept
+    finally:
+        assert agent.stop() == 0
