@@ -32,6 +32,7 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 __all__ = [
     "ConntrackUnavailable",
     "CtnetlinkError",
+    "MalformedMessage",
     "CtnetlinkSocket",
     "CtEntry",
     "Dump",
@@ -61,6 +62,7 @@ NLMSG_NOOP = 1
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
 NLMSG_OVERRUN = 4
+NLMSG_MIN_TYPE = 0x10  # types below are netlink's own; nfnetlink's start with nfgenmsg
 
 SOL_NETLINK = 270
 NETLINK_CAP_ACK = 10
@@ -209,8 +211,72 @@ class CtnetlinkError(OSError):
     """The kernel answered a ctnetlink request with an error (errno set)."""
 
 
+class MalformedMessage(CtnetlinkError):
+    """Netlink bytes whose lengths do not fit what was received.
+
+    A header or attribute cut short, a length pointing past the message or
+    nest that holds it, a payload too short for its type. A CtnetlinkError
+    (errno EBADMSG), so whoever survives a failed request survives this.
+    ``offset`` is where the offending header starts in the received bytes.
+    """
+
+    def __init__(self, offset: int, what: str) -> None:
+        super().__init__(errno.EBADMSG, "malformed netlink message at offset %d: %s" % (offset, what))
+        self.offset = offset
+
+
 def _align4(n: int) -> int:
     return (n + 3) & ~3
+
+
+_unpack_hdr = _HDR.unpack_from
+_unpack_attr = _ATTR.unpack_from
+
+
+def _header(buf, off: int, n: int) -> Tuple[int, int, int, int, int]:
+    """(len, type, flags, seq, pid) of the message at ``off``, ``n`` bytes having been received.
+
+    The one place a message's length is checked before anyone reads it:
+    the receive buffers are reused, so a length that runs past ``n`` would
+    otherwise read what an earlier recv left there. Error replies (errno)
+    and nfnetlink messages (nfgenmsg) have 4 more bytes after the header;
+    the other control messages need not.
+    """
+    left = n - off
+    if left >= 16:
+        h = _unpack_hdr(buf, off)
+        mlen = h[0]
+        if 16 <= mlen <= left and (mlen >= 20 or (h[1] < NLMSG_MIN_TYPE and h[1] != NLMSG_ERROR)):
+            return h
+    raise _bad_header(buf, off, n)
+
+
+def _bad_header(buf, off: int, n: int) -> MalformedMessage:
+    left = n - off
+    if left < 16:
+        return MalformedMessage(off, "%d byte(s) left, a message header needs 16" % left)
+    mlen, mtype = _unpack_hdr(buf, off)[:2]
+    if mlen < 16:
+        return MalformedMessage(off, "nlmsg_len %d is shorter than the message header" % mlen)
+    if mlen > left:
+        return MalformedMessage(off, "nlmsg_len %d runs past the %d byte(s) received" % (mlen, left))
+    return MalformedMessage(off, "nlmsg_len %d of type 0x%x leaves no room for its %s" % (
+        mlen, mtype, "errno" if mtype == NLMSG_ERROR else "nfgenmsg"))
+
+
+def _messages(buf, n: int) -> Iterator[Tuple[int, int, int, int, int]]:
+    """(offset, len, type, flags, seq) of each message in the first ``n`` bytes of ``buf``."""
+    off = 0
+    header = _header
+    while off < n:
+        mlen, mtype, flags, seq, _pid = header(buf, off, n)
+        yield off, mlen, mtype, flags, seq
+        off += (mlen + 3) & ~3
+
+
+def _reply_errno(buf, off: int) -> int:
+    """The positive errno of the NLMSG_ERROR at ``off`` (0: an ack); _header checked its length."""
+    return -_ERRNO.unpack_from(buf, off + 16)[0]
 
 
 class CtnetlinkSocket:
@@ -354,23 +420,25 @@ class CtnetlinkSocket:
         _HDR.pack_into(req, 0, 20, _MSG_STATS, NLM_F_REQUEST, seq, 0)
         sock.send(req)
         buf = self._buf
-        unpack_hdr = _HDR.unpack_from
+        header = _header
         while True:
             n = sock.recv_into(buf)
             off = 0
-            while off + 16 <= n:
-                mlen, mtype, _flags, mseq, _pid = unpack_hdr(buf, off)
-                if mlen < 16:
-                    break
+            # Not the _messages walker: the reply is one message, and creating
+            # and resuming a generator for it costs ~0.6 µs of a ~5 µs call
+            # (measured), more than the walk itself. The lengths are checked
+            # by the same _header all the other readers go through.
+            while off < n:
+                mlen, mtype, _flags, mseq, _pid = header(buf, off, n)
                 if mseq == seq:
                     if mtype == _MSG_STATS:
                         return self._parse_stats(buf, off + 20, off + mlen)
                     if mtype == NLMSG_ERROR:
-                        err = -_ERRNO.unpack_from(buf, off + 16)[0]
+                        err = _reply_errno(buf, off)
                         if err:
                             self._raise_reply_error(err, "GET_STATS")
                 # Anything else is a stale reply to an interrupted request.
-                off += _align4(mlen)
+                off += (mlen + 3) & ~3
 
     @staticmethod
     def _parse_stats(buf: bytearray, off: int, end: int) -> Tuple[int, int]:
@@ -407,30 +475,26 @@ class CtnetlinkSocket:
         names = _CPU_STAT_NAMES
         while True:
             n = sock.recv_into(buf)
-            off = 0
-            while off + 16 <= n:
-                mlen, mtype, _flags, mseq, _pid = _HDR.unpack_from(buf, off)
-                if mlen < 16:
-                    break
-                if mseq == seq:
-                    if mtype == NLMSG_DONE:
-                        return totals
-                    if mtype == NLMSG_ERROR:
-                        err = -_ERRNO.unpack_from(buf, off + 16)[0]
-                        if err:
-                            self._raise_reply_error(err, "GET_STATS_CPU")
-                    elif mtype == _MSG_STATS_CPU:
-                        a = off + 20
-                        end = off + mlen
-                        while a + 8 <= end:
-                            alen, atype = _ATTR.unpack_from(buf, a)
-                            if alen < 4:
-                                break
-                            name = names.get(atype & 0x3FFF)
-                            if name is not None:
-                                totals[name] = totals.get(name, 0) + _BE32.unpack_from(buf, a + 4)[0]
-                            a += _align4(alen)
-                off += _align4(mlen)
+            for off, mlen, mtype, _flags, mseq in _messages(buf, n):
+                if mseq != seq:
+                    continue
+                if mtype == _MSG_STATS_CPU:
+                    a = off + 20
+                    end = off + mlen
+                    while a + 8 <= end:
+                        alen, atype = _ATTR.unpack_from(buf, a)
+                        if alen < 4:
+                            break
+                        name = names.get(atype & 0x3FFF)
+                        if name is not None:
+                            totals[name] = totals.get(name, 0) + _BE32.unpack_from(buf, a + 4)[0]
+                        a += _align4(alen)
+                elif mtype == NLMSG_DONE:
+                    return totals
+                elif mtype == NLMSG_ERROR:
+                    err = _reply_errno(buf, off)
+                    if err:
+                        self._raise_reply_error(err, "GET_STATS_CPU")
 
     # -- bulk operations --------------------------------------------------------
 
@@ -472,14 +536,9 @@ class CtnetlinkSocket:
                 n = self._recv(buf, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 break
-            off = 0
-            while off + 16 <= n:
-                mlen, mtype, _flags, _seq, _pid = _HDR.unpack_from(buf, off)
-                if mlen < 16:
-                    break
+            for off, _mlen, mtype, _flags, _seq in _messages(buf, n):
                 if mtype == NLMSG_ERROR:
-                    self._note_error(-_ERRNO.unpack_from(buf, off + 16)[0])
-                off += _align4(mlen)
+                    self._note_error(_reply_errno(buf, off))
         out = dict(self.errors)
         self.errors.clear()
         return out
@@ -524,23 +583,18 @@ class CtnetlinkSocket:
         buf = self._buf
         while True:
             n = self.sock.recv_into(buf)
-            off = 0
-            while off + 16 <= n:
-                mlen, mtype, _flags, mseq, _pid = _HDR.unpack_from(buf, off)
-                if mlen < 16:
-                    break
-                if mtype == NLMSG_ERROR:
-                    err = -_ERRNO.unpack_from(buf, off + 16)[0]
-                    if mseq != seq:
-                        self._note_error(err)
-                    elif err == 0:
-                        return
-                    else:
-                        if err in (errno.EOPNOTSUPP, errno.EINVAL):
-                            self._broken_features.update(needed)
-                        raise CtnetlinkError(err, "ctnetlink filtered delete: %s"
-                                             % os.strerror(err))
-                off += _align4(mlen)
+            for off, _mlen, mtype, _flags, mseq in _messages(buf, n):
+                if mtype != NLMSG_ERROR:
+                    continue
+                err = _reply_errno(buf, off)
+                if mseq != seq:
+                    self._note_error(err)
+                elif err == 0:
+                    return
+                else:
+                    if err in (errno.EOPNOTSUPP, errno.EINVAL):
+                        self._broken_features.update(needed)
+                    raise CtnetlinkError(err, "ctnetlink filtered delete: %s" % os.strerror(err))
 
 
 
@@ -862,16 +916,11 @@ def decode_entries(data: bytes) -> List[CtEntry]:
     """Every conntrack entry in a run of netlink messages (recorded dump bytes)."""
     buf = bytearray(data)
     out = []
-    off = 0
-    while off + 16 <= len(buf):
-        mlen, mtype, _flags, _seq, _pid = _HDR.unpack_from(buf, off)
-        if mlen < 16:
-            break
+    for off, mlen, mtype, _flags, _seq in _messages(buf, len(buf)):
         if mtype == _MSG_CT_NEW:
             e = _decode(buf, off, mlen)
             if e is not None:
                 out.append(e)
-        off += _align(mlen)
     return out
 
 
@@ -1065,18 +1114,15 @@ class Dump:
         sock.send(encode_dump_request(seq, *self._request))
         ct._dump_active = True
         buf = ct._dump_buf
-        unpack_hdr = _HDR.unpack_from
+        messages = _messages
         parse = _decode
         prev_ids: set = set()
+        wait_for_done = True
         try:
             while True:
                 n = ct._recv(buf)
-                off = 0
                 cur_ids: set = set()
-                while off + 16 <= n:
-                    mlen, mtype, _flags, mseq, _pid = unpack_hdr(buf, off)
-                    if mlen < 16:
-                        break
+                for off, mlen, mtype, _flags, mseq in messages(buf, n):
                     if mseq == seq:
                         if mtype == _MSG_CT_NEW:
                             e = parse(buf, off, mlen)
@@ -1091,40 +1137,56 @@ class Dump:
                             self.done = True
                             return
                         elif mtype == NLMSG_ERROR:
-                            err = -_ERRNO.unpack_from(buf, off + 16)[0]
+                            err = _reply_errno(buf, off)
                             self.done = True  # an error reply ends the dump
                             if err:
                                 raise CtnetlinkError(err, "ctnetlink dump: %s" % os.strerror(err))
                             return
                     elif mtype == NLMSG_ERROR:
-                        ct._note_error(-_ERRNO.unpack_from(buf, off + 16)[0])
-                    off += (mlen + 3) & ~3
+                        ct._note_error(_reply_errno(buf, off))
                 prev_ids = cur_ids
+        except MalformedMessage:
+            # The rest of this chunk cannot be read, and it may have held the
+            # NLMSG_DONE: waiting for one could block for ever.
+            wait_for_done = False
+            raise
         finally:
-            if not self.done:
-                self._finish(seq)
-            ct._dump_active = False
+            try:
+                if not self.done:
+                    self._finish(seq, wait_for_done)
+            finally:
+                ct._dump_active = False
 
-    def _finish(self, seq: int) -> None:
+    def _finish(self, seq: int, wait: bool = True) -> None:
+        """Read the rest of the dump unparsed, up to its NLMSG_DONE.
+
+        Without ``wait``, only what is already queued is read. That still
+        reaches the end of a dump the kernel is running: it queues the next
+        chunk as each one is read (netlink_recvmsg calls netlink_dump), so
+        the queue is empty only once the dump has ended.
+        """
         ct = self._ct
         buf = ct._dump_buf
+        flags = 0 if wait else socket.MSG_DONTWAIT
         while True:
-            n = ct._recv(buf)
-            off = 0
-            while off + 16 <= n:
-                mlen, mtype, _flags, mseq, _pid = _HDR.unpack_from(buf, off)
-                if mlen < 16:
-                    break
-                if mtype == NLMSG_ERROR:
-                    if mseq == seq:
+            try:
+                n = ct._recv(buf, flags)
+            except BlockingIOError:
+                return
+            try:
+                for off, _mlen, mtype, _flags, mseq in _messages(buf, n):
+                    if mtype == NLMSG_ERROR:
+                        if mseq == seq:
+                            self.done = True
+                            return
+                        ct._note_error(_reply_errno(buf, off))
+                    elif mseq == seq and mtype == NLMSG_DONE:
                         self.done = True
                         return
-                    ct._note_error(-_ERRNO.unpack_from(buf, off + 16)[0])
-                elif mseq == seq:
-                    if mtype == NLMSG_DONE:
-                        self.done = True
-                        return
-                off += (mlen + 3) & ~3
+            except MalformedMessage:
+                # Nobody wants these entries; but the NLMSG_DONE may have been
+                # in the unreadable rest of this chunk, so stop waiting.
+                flags = socket.MSG_DONTWAIT
 
 
 class BulkWriter:

@@ -27,6 +27,7 @@ from conntrack_agent.ctnetlink import (
     ConntrackUnavailable,
     CtnetlinkError,
     CtnetlinkSocket,
+    MalformedMessage,
     TupleFilter,
     decode_entries,
     encode_delete,
@@ -186,10 +187,11 @@ def test_a_layout_that_differs_in_one_header_is_not_misread(fresh_layouts):
     assert patched[857018175].dport == 30000
 
 
-def test_truncated_and_foreign_messages_are_skipped():
-    assert decode_entries(DUMP[:10]) == []
+def test_foreign_messages_are_skipped_and_truncated_ones_refused():
     done = HDR.pack(20, 3, 2, 1, 0) + bytes(4)
     assert decode_entries(done) == []
+    with pytest.raises(MalformedMessage, match="offset 0: 10 byte"):
+        decode_entries(DUMP[:10])
 
 
 # ----------------------------------------------------------------------- encoding
