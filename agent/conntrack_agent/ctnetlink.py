@@ -192,6 +192,7 @@ _V4_HDRS = (_nlattr_hdr(20, NLA_F_NESTED | CTA_TUPLE_IP), _nlattr_hdr(8, CTA_IP_
 _V6_HDRS = (_nlattr_hdr(44, NLA_F_NESTED | CTA_TUPLE_IP), _nlattr_hdr(20, CTA_IP_V6_SRC),
             _nlattr_hdr(20, CTA_IP_V6_DST)) + _V4_HDRS[3:]
 _ID_HDR = _nlattr_hdr(8, CTA_ID)
+_ZONE_HDR = _nlattr_hdr(6, CTA_ZONE)
 _TIMEOUT_HDR = _nlattr_hdr(8, CTA_TIMEOUT)
 _BE16 = struct.Struct(">H")
 
@@ -274,9 +275,81 @@ def _messages(buf, n: int) -> Iterator[Tuple[int, int, int, int, int]]:
         off += (mlen + 3) & ~3
 
 
+def _bad_attr(buf, a: int, end: int) -> MalformedMessage:
+    """Why the attribute at ``a`` does not fit before ``end``, its message's or nest's end."""
+    left = end - a
+    if left < 4:
+        return MalformedMessage(a, "%d byte(s) left before the end of the message or nest at offset %d, "
+                                   "an attribute header needs 4" % (left, end))
+    alen, atype = _unpack_attr(buf, a)
+    if alen < 4:
+        return MalformedMessage(a, "nla_len %d of attribute type %d is shorter than its header"
+                                % (alen, atype & _NLA_TYPE_MASK))
+    return MalformedMessage(a, "attribute type %d (nla_len %d) runs %d byte(s) past the end of its "
+                               "message or nest at offset %d" % (atype & _NLA_TYPE_MASK, alen, a + alen - end, end))
+
+
+def _bad_payload(buf, a: int, expected: str) -> MalformedMessage:
+    alen, atype = _unpack_attr(buf, a)
+    return MalformedMessage(a, "attribute type %d has %d payload byte(s), expected %s"
+                            % (atype & _NLA_TYPE_MASK, alen - 4, expected))
+
+
+def _parse_stats(buf, off: int, end: int) -> Tuple[int, int]:
+    """(count, max) from the GET_STATS reply at ``off``."""
+    count = maximum = -1
+    a = off + 20
+    while a + 4 <= end:
+        alen, atype = _unpack_attr(buf, a)
+        if alen < 4 or alen > end - a:
+            raise _bad_attr(buf, a, end)
+        atype &= _NLA_TYPE_MASK
+        if atype == CTA_STATS_GLOBAL_ENTRIES or atype == CTA_STATS_GLOBAL_MAX_ENTRIES:
+            if alen < 8:
+                raise _bad_payload(buf, a, "4")
+            if atype == CTA_STATS_GLOBAL_ENTRIES:
+                count = _BE32.unpack_from(buf, a + 4)[0]
+            else:
+                maximum = _BE32.unpack_from(buf, a + 4)[0]
+        a += (alen + 3) & ~3
+    if a < end:
+        raise _bad_attr(buf, a, end)
+    if count < 0 or maximum < 0:
+        raise MalformedMessage(off, "GET_STATS reply lacks entries/max")
+    return count, maximum
+
+
+def _add_cpu_counters(totals: Dict[str, int], buf, off: int, end: int) -> None:
+    """Add the counters of the one-CPU GET_STATS_CPU message at ``off`` to ``totals``."""
+    names = _CPU_STAT_NAMES
+    unpack_attr = _unpack_attr
+    be32 = _BE32.unpack_from
+    a = off + 20
+    while a + 4 <= end:
+        alen, atype = unpack_attr(buf, a)
+        if alen < 4 or alen > end - a:
+            raise _bad_attr(buf, a, end)
+        name = names.get(atype & _NLA_TYPE_MASK)
+        if name is not None:
+            if alen < 8:
+                raise _bad_payload(buf, a, "4")
+            totals[name] = totals.get(name, 0) + be32(buf, a + 4)[0]
+        a += (alen + 3) & ~3
+    if a < end:
+        raise _bad_attr(buf, a, end)
+
+
+# Linux errnos are below 4096 (MAX_ERRNO); an error field outside would make
+# os.strerror overflow, and is no kernel's answer anyway.
+_MAX_ERRNO = 4095
+
+
 def _reply_errno(buf, off: int) -> int:
     """The positive errno of the NLMSG_ERROR at ``off`` (0: an ack); _header checked its length."""
-    return -_ERRNO.unpack_from(buf, off + 16)[0]
+    err = -_ERRNO.unpack_from(buf, off + 16)[0]
+    if 0 <= err <= _MAX_ERRNO:
+        return err
+    raise MalformedMessage(off + 16, "error reply carries %d, not a negative errno" % -err)
 
 
 class CtnetlinkSocket:
@@ -432,30 +505,13 @@ class CtnetlinkSocket:
                 mlen, mtype, _flags, mseq, _pid = header(buf, off, n)
                 if mseq == seq:
                     if mtype == _MSG_STATS:
-                        return self._parse_stats(buf, off + 20, off + mlen)
+                        return _parse_stats(buf, off, off + mlen)
                     if mtype == NLMSG_ERROR:
                         err = _reply_errno(buf, off)
                         if err:
                             self._raise_reply_error(err, "GET_STATS")
                 # Anything else is a stale reply to an interrupted request.
                 off += (mlen + 3) & ~3
-
-    @staticmethod
-    def _parse_stats(buf: bytearray, off: int, end: int) -> Tuple[int, int]:
-        count = maximum = -1
-        while off + 4 <= end:
-            alen, atype = _ATTR.unpack_from(buf, off)
-            if alen < 4:
-                break
-            atype &= 0x3FFF
-            if atype == CTA_STATS_GLOBAL_ENTRIES:
-                count = _BE32.unpack_from(buf, off + 4)[0]
-            elif atype == CTA_STATS_GLOBAL_MAX_ENTRIES:
-                maximum = _BE32.unpack_from(buf, off + 4)[0]
-            off += _align4(alen)
-        if count < 0 or maximum < 0:
-            raise CtnetlinkError(errno.EPROTO, "GET_STATS reply lacks entries/max")
-        return count, maximum
 
     def cpu_stats(self) -> Dict[str, int]:
         """Per-CPU conntrack counters of this namespace, summed over CPUs.
@@ -472,23 +528,13 @@ class CtnetlinkSocket:
         sock.send(req)
         totals: Dict[str, int] = {}
         buf = self._buf
-        names = _CPU_STAT_NAMES
         while True:
             n = sock.recv_into(buf)
             for off, mlen, mtype, _flags, mseq in _messages(buf, n):
                 if mseq != seq:
                     continue
                 if mtype == _MSG_STATS_CPU:
-                    a = off + 20
-                    end = off + mlen
-                    while a + 8 <= end:
-                        alen, atype = _ATTR.unpack_from(buf, a)
-                        if alen < 4:
-                            break
-                        name = names.get(atype & 0x3FFF)
-                        if name is not None:
-                            totals[name] = totals.get(name, 0) + _BE32.unpack_from(buf, a + 4)[0]
-                        a += _align4(alen)
+                    _add_cpu_counters(totals, buf, off, off + mlen)
                 elif mtype == NLMSG_DONE:
                     return totals
                 elif mtype == NLMSG_ERROR:
@@ -634,45 +680,67 @@ def _align(n: int) -> int:
     return (n + 3) & ~3
 
 
+# Exact attribute lengths of addresses: anything else would reach the
+# selectors and the report (inet_ntop) as an address of no family.
+_ADDRESS_ATTR_LEN = {CTA_IP_V4_SRC: 8, CTA_IP_V4_DST: 8, CTA_IP_V6_SRC: 20, CTA_IP_V6_DST: 20}
+
+
 def _parse_tuple_generic(buf, a: int, end: int):
     src = dst = b""
     proto = 0
     sport = dport = None
     zone = 0
     while a + 4 <= end:
-        alen, atype = _ATTR.unpack_from(buf, a)
-        if alen < 4:
-            break
+        alen, atype = _unpack_attr(buf, a)
+        if alen < 4 or alen > end - a:
+            raise _bad_attr(buf, a, end)
         t = atype & _NLA_TYPE_MASK
         if t == CTA_TUPLE_IP:
             b, bend = a + 4, a + alen
             while b + 4 <= bend:
-                blen, btype = _ATTR.unpack_from(buf, b)
-                if blen < 4:
-                    break
+                blen, btype = _unpack_attr(buf, b)
+                if blen < 4 or blen > bend - b:
+                    raise _bad_attr(buf, b, bend)
                 bt = btype & _NLA_TYPE_MASK
-                if bt == CTA_IP_V4_SRC or bt == CTA_IP_V6_SRC:
-                    src = bytes(buf[b + 4:b + blen])
-                elif bt == CTA_IP_V4_DST or bt == CTA_IP_V6_DST:
-                    dst = bytes(buf[b + 4:b + blen])
+                need = _ADDRESS_ATTR_LEN.get(bt)
+                if need is not None:
+                    if blen != need:
+                        raise _bad_payload(buf, b, "%d (an IPv%d address)" % (need - 4, 4 if need == 8 else 6))
+                    if bt == CTA_IP_V4_SRC or bt == CTA_IP_V6_SRC:
+                        src = bytes(buf[b + 4:b + blen])
+                    else:
+                        dst = bytes(buf[b + 4:b + blen])
                 b += _align(blen)
+            if b < bend:
+                raise _bad_attr(buf, b, bend)
         elif t == CTA_TUPLE_PROTO:
             b, bend = a + 4, a + alen
             while b + 4 <= bend:
-                blen, btype = _ATTR.unpack_from(buf, b)
-                if blen < 4:
-                    break
+                blen, btype = _unpack_attr(buf, b)
+                if blen < 4 or blen > bend - b:
+                    raise _bad_attr(buf, b, bend)
                 bt = btype & _NLA_TYPE_MASK
                 if bt == CTA_PROTO_NUM:
+                    if blen < 5:
+                        raise _bad_payload(buf, b, "1")
                     proto = buf[b + 4]
-                elif bt == CTA_PROTO_SRC_PORT:
-                    sport = _BE16.unpack_from(buf, b + 4)[0]
-                elif bt == CTA_PROTO_DST_PORT:
-                    dport = _BE16.unpack_from(buf, b + 4)[0]
+                elif bt == CTA_PROTO_SRC_PORT or bt == CTA_PROTO_DST_PORT:
+                    if blen < 6:
+                        raise _bad_payload(buf, b, "2")
+                    if bt == CTA_PROTO_SRC_PORT:
+                        sport = _BE16.unpack_from(buf, b + 4)[0]
+                    else:
+                        dport = _BE16.unpack_from(buf, b + 4)[0]
                 b += _align(blen)
+            if b < bend:
+                raise _bad_attr(buf, b, bend)
         elif t == CTA_TUPLE_ZONE:
+            if alen < 6:
+                raise _bad_payload(buf, a, "2")
             zone = _BE16.unpack_from(buf, a + 4)[0]
         a += _align(alen)
+    if a < end:
+        raise _bad_attr(buf, a, end)
     return src, dst, proto, sport, dport, zone
 
 
@@ -691,8 +759,8 @@ def _parse_entry(buf, off: int, end: int) -> Optional[CtEntry]:
     be32 = _BE32.unpack_from
     while a + 4 <= end:
         alen, atype = unpack_attr(buf, a)
-        if alen < 4:
-            break
+        if alen < 4 or alen > end - a:
+            raise _bad_attr(buf, a, end)
         t = atype & _NLA_TYPE_MASK
         if t == CTA_TUPLE_ORIG:
             orig, orig_end = a, a + alen
@@ -712,32 +780,54 @@ def _parse_entry(buf, off: int, end: int) -> Optional[CtEntry]:
                 if tzone and not zone:
                     zone = tzone
         elif t == CTA_STATUS:
+            if alen < 8:
+                raise _bad_payload(buf, a, "4")
             status = be32(buf, a + 4)[0]
         elif t == CTA_ID:
+            if alen < 8:
+                raise _bad_payload(buf, a, "4")
             eid = be32(buf, a + 4)[0]
         elif t == CTA_TIMEOUT:
+            if alen < 8:
+                raise _bad_payload(buf, a, "4")
             timeout = be32(buf, a + 4)[0]
         elif t == CTA_MARK:
+            if alen < 8:
+                raise _bad_payload(buf, a, "4")
             mark = be32(buf, a + 4)[0]
         elif t == CTA_PROTOINFO:
             # PROTOINFO { PROTOINFO_TCP { TCP_STATE u8, ... } }; other
-            # protocols' protoinfo (SCTP, DCCP) is not a TCP state.
-            if alen >= 13:
-                ilen, itype = unpack_attr(buf, a + 4)
-                if itype & _NLA_TYPE_MASK == CTA_PROTOINFO_TCP and ilen >= 9:
-                    slen, stype = unpack_attr(buf, a + 8)
+            # protocols' protoinfo (SCTP, DCCP) is not a TCP state. Only the
+            # first attribute of each level is read, so only it is checked.
+            if alen > 4:
+                ilen, itype = unpack_attr(buf, a + 4) if alen >= 8 else (0, 0)
+                if ilen < 4 or ilen > alen - 4:
+                    raise _bad_attr(buf, a + 4, a + alen)
+                if itype & _NLA_TYPE_MASK == CTA_PROTOINFO_TCP and ilen > 4:
+                    slen, stype = unpack_attr(buf, a + 8) if ilen >= 8 else (0, 0)
+                    if slen < 4 or slen > ilen - 4:
+                        raise _bad_attr(buf, a + 8, a + 4 + ilen)
                     if stype & _NLA_TYPE_MASK == CTA_PROTOINFO_TCP_STATE:
+                        if slen < 5:
+                            raise _bad_payload(buf, a + 8, "1")
                         state = buf[a + 12]
         elif t == CTA_ZONE:
+            if alen < 6:
+                raise _bad_payload(buf, a, "2")
             zone = _BE16.unpack_from(buf, a + 4)[0]
             zone_at = a
         a += (alen + 3) & ~3
+    if a < end:
+        raise _bad_attr(buf, a, end)
     if orig < 0:
         return None
-    if zone_at < 0:
-        key = bytes(buf[orig:orig_end])
-    else:
-        key = bytes(buf[orig:orig_end]) + bytes(buf[zone_at:zone_at + 8])
+    # The key is copied into requests with attributes after it: it must end
+    # aligned, whatever padding the message had (or lacked).
+    key = bytes(buf[orig:orig_end])
+    if (orig_end - orig) & 3:
+        key += bytes(-(orig_end - orig) & 3)
+    if zone_at >= 0:
+        key += _ZONE_HDR + bytes(buf[zone_at + 4:zone_at + 6]) + b"\0\0"
     if proto != 6:
         state = -1
     return _tuple_new(CtEntry, (family, proto, src, dst, sport, dport, status, mark, zone,
@@ -849,6 +939,8 @@ def _learn_shape(buf, off: int, end: int) -> None:
         if alen < 4:
             return
         if t == CTA_TUPLE_ORIG:
+            if alen & 3:
+                return  # its key needs padding the walk adds: leave it to the walk
             key = (a - off, a - off + alen)
             b, bend = a + 4, a + alen
             while b + 4 <= bend:
@@ -913,7 +1005,11 @@ def _decode(buf, off: int, mlen: int) -> Optional[CtEntry]:
 
 
 def decode_entries(data: bytes) -> List[CtEntry]:
-    """Every conntrack entry in a run of netlink messages (recorded dump bytes)."""
+    """Every conntrack entry in a run of netlink messages (recorded dump bytes).
+
+    Messages of other types are skipped, as are attributes of unknown types;
+    MalformedMessage if any length does not fit.
+    """
     buf = bytearray(data)
     out = []
     for off, mlen, mtype, _flags, _seq in _messages(buf, len(buf)):
@@ -1118,11 +1214,13 @@ class Dump:
         parse = _decode
         prev_ids: set = set()
         wait_for_done = True
+        chunk: Iterator[Tuple[int, int, int, int, int]] = iter(())
         try:
             while True:
                 n = ct._recv(buf)
                 cur_ids: set = set()
-                for off, mlen, mtype, _flags, mseq in messages(buf, n):
+                chunk = messages(buf, n)
+                for off, mlen, mtype, _flags, mseq in chunk:
                     if mseq == seq:
                         if mtype == _MSG_CT_NEW:
                             e = parse(buf, off, mlen)
@@ -1153,28 +1251,25 @@ class Dump:
         finally:
             try:
                 if not self.done:
-                    self._finish(seq, wait_for_done)
+                    self._finish(seq, chunk, wait_for_done)
             finally:
                 ct._dump_active = False
 
-    def _finish(self, seq: int, wait: bool = True) -> None:
+    def _finish(self, seq: int, chunk: Iterator[Tuple[int, int, int, int, int]], wait: bool) -> None:
         """Read the rest of the dump unparsed, up to its NLMSG_DONE.
 
-        Without ``wait``, only what is already queued is read. That still
-        reaches the end of a dump the kernel is running: it queues the next
-        chunk as each one is read (netlink_recvmsg calls netlink_dump), so
-        the queue is empty only once the dump has ended.
+        ``chunk``: the rest of the chunk the consumer stopped in, which may
+        hold the NLMSG_DONE. Without ``wait``, only what is already queued
+        is read. That still reaches the end of a dump the kernel is running:
+        it queues the next chunk as each one is read (netlink_recvmsg calls
+        netlink_dump), so the queue is empty only once the dump has ended.
         """
         ct = self._ct
         buf = ct._dump_buf
         flags = 0 if wait else socket.MSG_DONTWAIT
         while True:
             try:
-                n = ct._recv(buf, flags)
-            except BlockingIOError:
-                return
-            try:
-                for off, _mlen, mtype, _flags, mseq in _messages(buf, n):
+                for off, _mlen, mtype, _flags, mseq in chunk:
                     if mtype == NLMSG_ERROR:
                         if mseq == seq:
                             self.done = True
@@ -1187,6 +1282,11 @@ class Dump:
                 # Nobody wants these entries; but the NLMSG_DONE may have been
                 # in the unreadable rest of this chunk, so stop waiting.
                 flags = socket.MSG_DONTWAIT
+            try:
+                n = ct._recv(buf, flags)
+            except BlockingIOError:
+                return
+            chunk = _messages(buf, n)
 
 
 class BulkWriter:
