@@ -680,9 +680,7 @@ def _align(n: int) -> int:
     return (n + 3) & ~3
 
 
-# Exact attribute lengths of addresses: anything else would reach the
-# selectors and the report (inet_ntop) as an address of no family.
-_ADDRESS_ATTR_LEN = {CTA_IP_V4_SRC: 8, CTA_IP_V4_DST: 8, CTA_IP_V6_SRC: 20, CTA_IP_V6_DST: 20}
+_ADDRESS_WIDTH = {AF_INET: 4, AF_INET6: 16}
 
 
 def _parse_tuple_generic(buf, a: int, end: int):
@@ -702,14 +700,11 @@ def _parse_tuple_generic(buf, a: int, end: int):
                 if blen < 4 or blen > bend - b:
                     raise _bad_attr(buf, b, bend)
                 bt = btype & _NLA_TYPE_MASK
-                need = _ADDRESS_ATTR_LEN.get(bt)
-                if need is not None:
-                    if blen != need:
-                        raise _bad_payload(buf, b, "%d (an IPv%d address)" % (need - 4, 4 if need == 8 else 6))
-                    if bt == CTA_IP_V4_SRC or bt == CTA_IP_V6_SRC:
-                        src = bytes(buf[b + 4:b + blen])
-                    else:
-                        dst = bytes(buf[b + 4:b + blen])
+                # Lengths are checked against the family by the caller.
+                if bt == CTA_IP_V4_SRC or bt == CTA_IP_V6_SRC:
+                    src = bytes(buf[b + 4:b + blen])
+                elif bt == CTA_IP_V4_DST or bt == CTA_IP_V6_DST:
+                    dst = bytes(buf[b + 4:b + blen])
                 b += _align(blen)
             if b < bend:
                 raise _bad_attr(buf, b, bend)
@@ -821,6 +816,15 @@ def _parse_entry(buf, off: int, end: int) -> Optional[CtEntry]:
         raise _bad_attr(buf, a, end)
     if orig < 0:
         return None
+    # What the sweeps do with an entry (match its addresses, print them with
+    # inet_ntop, address a delete to its family) needs both addresses, of
+    # its family's length.
+    width = _ADDRESS_WIDTH.get(family)
+    if width is None:
+        raise MalformedMessage(off + 16, "conntrack entry of family %d, neither AF_INET nor AF_INET6" % family)
+    if len(src) != width or len(dst) != width:
+        raise MalformedMessage(orig, "original tuple of a family %d entry lacks its %d-byte source and "
+                                     "destination" % (family, width))
     # The key is copied into requests with attributes after it: it must end
     # aligned, whatever padding the message had (or lacked).
     key = bytes(buf[orig:orig_end])
@@ -854,7 +858,8 @@ _MAX_SHAPES_PER_KEY = 4
 class _Shape:
     __slots__ = ("unpack", "hget", "hexp", "vget", "consts", "key_start", "key_end")
 
-    def __init__(self, family: int, mlen: int, segs: list, key_start: int, key_end: int) -> None:
+    def __init__(self, fixed: Dict[str, object], segs: list, key_start: int, key_end: int) -> None:
+        """``fixed``: the fields every message of this layout has, with their values."""
         import operator
 
         fmt = [">"]
@@ -907,7 +912,7 @@ class _Shape:
                 index.append(found[name])
             else:
                 index.append(len(fields) + len(consts))
-                consts.append(family if name == "family" else _ENTRY_DEFAULTS[name])
+                consts.append(fixed[name] if name in fixed else _ENTRY_DEFAULTS[name])
         self.consts = tuple(consts)
         self.vget = operator.itemgetter(*index)
         self.key_start = key_start
@@ -927,6 +932,7 @@ def _learn_shape(buf, off: int, end: int) -> None:
     mlen = end - off
     segs: list = []
     key = None
+    proto_at = state_at = -1
 
     def hdr(a: int) -> Tuple[int, int]:
         segs.append((a - off, "h", bytes(buf[a:a + 4])))
@@ -959,7 +965,7 @@ def _learn_shape(buf, off: int, end: int) -> None:
                             if name:
                                 segs.append((c + 4 - off, "v", ("%ds" % (clen - 4), name)))
                         elif ct_ == CTA_PROTO_NUM:
-                            segs.append((c + 4 - off, "v", ("B", "proto")))
+                            proto_at = c + 4
                         elif ct_ == CTA_PROTO_SRC_PORT:
                             segs.append((c + 4 - off, "v", ("H", "sport")))
                         elif ct_ == CTA_PROTO_DST_PORT:
@@ -972,20 +978,34 @@ def _learn_shape(buf, off: int, end: int) -> None:
             name = {CTA_STATUS: "status", CTA_ID: "id", CTA_TIMEOUT: "timeout", CTA_MARK: "mark"}[t]
             segs.append((a + 4 - off, "v", ("I", name)))
         elif t == CTA_PROTOINFO:
-            if alen >= 13:
+            # The headers the walk checks, so that a message matching them
+            # passes the walk's checks too.
+            if alen >= 8:
                 ilen, it = hdr(a + 4)
-                if it == CTA_PROTOINFO_TCP and ilen >= 9:
+                if it == CTA_PROTOINFO_TCP and ilen >= 8:
                     slen, st = hdr(a + 8)
                     if st == CTA_PROTOINFO_TCP_STATE:
-                        segs.append((a + 12 - off, "v", ("B", "state")))
+                        state_at = a + 12
         elif t == CTA_ZONE:
             return
         a += _align(alen)
     if key is None:
         return
+    fixed: Dict[str, object] = {"family": family}
+    if proto_at >= 0:
+        if state_at >= 0:
+            # The walk reports a TCP state only for TCP: where the layout has
+            # one, the protocol byte must match as a header does.
+            proto = buf[proto_at]
+            segs.append((proto_at - off, "h", bytes((proto,))))
+            fixed["proto"] = proto
+            if proto == 6:
+                segs.append((state_at - off, "v", ("B", "state")))
+        else:
+            segs.append((proto_at - off, "v", ("B", "proto")))
     shapes = _SHAPES.setdefault((mlen, family), [])
     if len(shapes) < _MAX_SHAPES_PER_KEY:
-        shapes.append(_Shape(family, mlen, segs, key[0], key[1]))
+        shapes.append(_Shape(fixed, segs, key[0], key[1]))
         _shape_count += 1
 
 
