@@ -4,8 +4,8 @@ This is the agent's one door to ctnetlink. It uses ``socket`` and ``struct``
 directly instead of pyroute2 because the hot path is measured in
 microseconds: a kept-open socket answering IPCTNL_MSG_CT_GET_STATS costs
 ~5 µs here, pyroute2's ``Conntrack.count()`` ~470 µs, and pyroute2 dumps and
-deletes run at 1-12k entries/s against 100k+ for the code below (see
-../shared/FACTS.md). pyroute2 also builds a full object per message, which
+deletes run at 1-12k entries/s against 100k+ for the code below (measured
+on kernel 6.18, 2 vCPUs). pyroute2 also builds a full object per message, which
 is what makes big-table sweeps cost gigabytes elsewhere; here a dump is
 parsed straight out of a reused receive buffer and only the attributes a
 caller asks for are decoded.
@@ -18,6 +18,12 @@ Wire format reminders (include/uapi/linux/netfilter/nfnetlink*.h): every
 message is nlmsghdr (16 bytes) + nfgenmsg (4 bytes) + attributes. Attribute
 payloads of ctnetlink are big-endian; nlmsghdr and nlattr headers are host
 order.
+
+Every length read off the wire is checked against the bytes that hold it
+(received, message, nest) before anything is read through it; what does
+not fit raises MalformedMessage, a CtnetlinkError, never struct.error or
+IndexError. The receive buffers are reused, so an unchecked length would
+quietly read what an earlier recv left behind.
 """
 
 from __future__ import annotations
