@@ -9,7 +9,10 @@ namespace, and timed in round-robin: GET_STATS (count + max, every tick),
 GET_STATS_CPU (the per-CPU counters) and a full parsed dump. Each stats call
 is timed on its own (perf_counter_ns, gc off); a dump is timed whole and
 reported in entries per second. Figures are medians over all rounds: a
-shared VM is noisy, and interleaving keeps the noise equal for both.
+shared VM is noisy, and interleaving keeps the noise equal for both. The
+CPU-time figures (the thread's, kernel work in its syscalls included) leave
+out the time other processes held the CPU, which dominates wall-clock
+spread on a busy machine.
 
     bench/ctnetlink_ab.py --base main            # main's ctnetlink.py against the work tree's
     bench/ctnetlink_ab.py --base HEAD~3 --rounds 5 --entries 2000   # smoke
@@ -50,18 +53,23 @@ def revision_source(rev: str, where: Path) -> Path:
     return where
 
 
-def time_calls(call, n: int, out: List[int]) -> None:
+def time_calls(call, n: int, out: List[int], cpu: List[float]) -> None:
+    """Each call's wall-clock ns into ``out``; the batch's CPU time per call into ``cpu``."""
     clock = time.perf_counter_ns
+    c = time.thread_time()
     for _ in range(n):
         t = clock()
         call()
         out.append(clock() - t)
+    cpu.append((time.thread_time() - c) / n)
 
 
-def time_dump(ct: Any) -> float:
+def time_dump(ct: Any):
+    """(entries per wall-clock second, entries per CPU second, entries)."""
+    c = time.thread_time()
     t = time.perf_counter()
     n = sum(1 for _ in ct.dump())
-    return n / (time.perf_counter() - t), n
+    return n / (time.perf_counter() - t), n / (time.thread_time() - c), n
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -87,20 +95,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rig.flood_udp(ns, entries * 3 // 4)
         rig.flood_udp(ns, entries - entries * 3 // 4, family=6)
         socks = {label: m.CtnetlinkSocket(netns=ns.name) for label, m in versions.items()}
-        stats: Dict[str, List[int]] = {k: [] for k in socks}
-        cpu: Dict[str, List[int]] = {k: [] for k in socks}
-        dump: Dict[str, List[float]] = {k: [] for k in socks}
+        names = ("stats", "stats_cpu", "cpu", "cpu_cpu", "dump", "dump_cpu")
+        got: Dict[str, Dict[str, list]] = {k: {n: [] for n in names} for k in socks}
         seen = {}
         gc.disable()
         for i in range(args.rounds + 1):   # round 0 warms up (and learns the entry layouts)
-            for label, ct in socks.items():
-                s, c = ([], []) if i == 0 else (stats[label], cpu[label])
-                time_calls(ct.stats, args.batch, s)
-                time_calls(ct.cpu_stats, args.batch // 5, c)
-                rate, n = time_dump(ct)
+            # Alternate who goes first, so neither always follows the other's dump.
+            for label, ct in (list(socks.items()) if i % 2 else list(socks.items())[::-1]):
+                g = got[label] if i else {n: [] for n in names}
+                time_calls(ct.stats, args.batch, g["stats"], g["stats_cpu"])
+                time_calls(ct.cpu_stats, args.batch // 5, g["cpu"], g["cpu_cpu"])
+                rate, cpu_rate, n = time_dump(ct)
+                g["dump"].append(rate)
+                g["dump_cpu"].append(cpu_rate)
                 seen[label] = (n, ct.stats()[0])
-                if i:
-                    dump[label].append(rate)
                 gc.collect()
         gc.enable()
         for ct in socks.values():
@@ -113,9 +121,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("command: %s" % " ".join(["bench/ctnetlink_ab.py"] + list(argv if argv is not None else sys.argv[1:])))
     print("| median | " + " | ".join(socks) + " |")
     print("| --- | " + " | ".join("---:" for _ in socks) + " |")
-    print("| stats() µs | " + " | ".join("%.2f" % (statistics.median(stats[k]) / 1000) for k in socks) + " |")
-    print("| cpu_stats() µs | " + " | ".join("%.2f" % (statistics.median(cpu[k]) / 1000) for k in socks) + " |")
-    print("| dump entries/s | " + " | ".join("%.0f" % statistics.median(dump[k]) for k in socks) + " |")
+    rows = [("stats() µs", "stats", 1e-3), ("stats() CPU µs", "stats_cpu", 1e6),
+            ("cpu_stats() µs", "cpu", 1e-3), ("cpu_stats() CPU µs", "cpu_cpu", 1e6),
+            ("dump entries/s", "dump", 1), ("dump entries/CPU-s", "dump_cpu", 1)]
+    for title, name, scale in rows:
+        print("| %s | %s |" % (title, " | ".join(
+            ("%.2f" if scale != 1 else "%.0f") % (statistics.median(got[k][name]) * scale) for k in socks)))
     return 0
 
 
