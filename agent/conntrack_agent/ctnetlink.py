@@ -232,10 +232,6 @@ class MalformedMessage(CtnetlinkError):
         self.offset = offset
 
 
-def _align4(n: int) -> int:
-    return (n + 3) & ~3
-
-
 _unpack_hdr = _HDR.unpack_from
 _unpack_attr = _ATTR.unpack_from
 
@@ -272,7 +268,12 @@ def _bad_header(buf, off: int, n: int) -> MalformedMessage:
 
 
 def _messages(buf, n: int) -> Iterator[Tuple[int, int, int, int, int]]:
-    """(offset, len, type, flags, seq) of each message in the first ``n`` bytes of ``buf``."""
+    """(offset, len, type, flags, seq) of each message in the first ``n`` bytes of ``buf``.
+
+    Every reader walks received bytes with this, except stats() and
+    cpu_stats(): a few messages every tick, where the generator itself
+    would be the largest cost; they step through the same _header.
+    """
     off = 0
     header = _header
     while off < n:
