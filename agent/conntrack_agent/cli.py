@@ -515,6 +515,9 @@ def cmd_evict(args: argparse.Namespace) -> int:
         return EXIT_FAIL
     try:
         report = evict.evict(sock, spec, dry_run=args.dry_run)
+    except OSError as exc:  # the kernel refused, or answered what cannot be read (MalformedMessage)
+        print(f"conntrack-agent evict: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAIL
     finally:
         sock.close()
     fields = evict_fields(report)
