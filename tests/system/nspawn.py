@@ -8,7 +8,8 @@ changes the cache and its writes vanish with the overlay.
 The container shares the host's network namespace and, with
 SYSTEMD_NSPAWN_API_VFS_WRITABLE=1, may write /proc/sys: nf_conntrack_max and
 nf_conntrack_buckets are global and writable only from the initial namespace,
-and the agent's raise of max has to be real to be tested (../shared/FACTS.md).
+and the agent's raise of max has to be real to be tested (a container with its own
+network namespace gets EACCES writing them: checked on kernel 6.18).
 Callers hold tests/rig.py's global_lock() while such a container runs, and
 restore the global values afterwards.
 
