@@ -100,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--max-age", type=float, default=CHECK_MAX_AGE, metavar="SECONDS",
                         help=f"with --check: the oldest last tick still alive (default {CHECK_MAX_AGE:g})")
 
+    recommend = sub.add_parser(
+        "recommend", formatter_class=_Formatter,
+        help="static settings (sysctl.d, kube-proxy) from the daily peaks the agent recorded",
+        description="Print the nf_conntrack_max and buckets an operator could set statically, in "
+                    "sysctl.d and kube-proxy's conntrack settings, from the daily peaks the agent "
+                    "records next to its state file, with the reasoning. Changes nothing.")
+    _config_arg(recommend)
+    recommend.add_argument("--json", action="store_true", help="machine-readable output")
+
     restore = sub.add_parser(
         "restore", formatter_class=_Formatter,
         help="put back the sysctl values the agent changed",
@@ -156,7 +165,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return EXIT_FAIL
     handler = {"run": cmd_run, "check": cmd_check, "plan": cmd_plan, "status": cmd_status,
-               "restore": cmd_restore, "evict": cmd_evict}[args.command]
+               "restore": cmd_restore, "evict": cmd_evict, "recommend": cmd_recommend}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -387,6 +396,29 @@ def _fullest_count(kernel: Any, namespaces: Tuple[str, ...]) -> Tuple[int, str]:
         if count >= best:
             best, where = count, (f"netns {name}" if name else "this netns")
     return best, where
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from . import peaks
+    from .kernel import LinuxKernel
+
+    policy = _load_or_report(args, "; recommend takes the state file's directory from it")
+    if policy is None:
+        return EXIT_CONFIG
+    kernel = LinuxKernel()
+    try:
+        current = (kernel.read_sysctl("", "nf_conntrack_max"), kernel.read_sysctl("", "nf_conntrack_buckets"))
+    except OSError:
+        current = (0, 0)
+    path = peaks.path_beside(policy.agent.state_file)
+    advice = peaks.recommend(peaks.Peaks.load(path), os.cpu_count() or 1, *current)
+    if args.json:
+        print(json.dumps(dict(advice, source=path)))
+    else:
+        print(f"from {path}:")
+        for line in peaks.lines(advice):
+            print(line)
+    return EXIT_OK if advice["days"] else EXIT_FAIL
 
 
 def cmd_restore(args: argparse.Namespace) -> int:

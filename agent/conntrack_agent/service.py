@@ -36,6 +36,8 @@ STATUS_INTERVAL = 1.0
 METRICS_CALM_INTERVAL = 15.0
 METRICS_BUSY_INTERVAL = 1.0
 REPORT_INTERVAL = 5.0
+# The daily peaks (peaks.py, for `recommend`) reach the disk at most this often.
+PEAKS_SAVE_INTERVAL = 600.0
 # A namespace holding changes the agent recorded that cannot be entered for this long
 # is gone for good: its sysctls went with it, so its records are dropped. Shorter
 # absences (a namespace being re-created, a slow mount) keep them.
@@ -76,6 +78,9 @@ class Agent:
         self.counters = metrics.Counters()
         self._metrics_failed: Optional[str] = None
         self._metrics_at: Optional[float] = None
+        self._peaks: Any = None
+        self._peaks_path = ""
+        self._peaks_saved: Optional[float] = None
         self._report_at: Optional[float] = None
         self._published_action: Optional[float] = None
         # The supervisor turns this off while the D-Bus API serves the report itself.
@@ -335,7 +340,31 @@ class Agent:
         self._publish(now)
         return True
 
+    def _note_peaks(self, now: float) -> None:
+        """Today's peaks for `recommend`; saved at most every PEAKS_SAVE_INTERVAL."""
+        from . import peaks
+
+        sample = self.last_sample
+        if sample is None or self.read_only:
+            return
+        if self._peaks is None:
+            self._peaks_path = peaks.path_beside(self.policy.agent.state_file)
+            self._peaks = peaks.Peaks.load(self._peaks_path)
+        owned = self.journal.get("", "nf_conntrack_max")
+        self._peaks.note(time.strftime("%Y-%m-%d"), sample.count, sample.fill_rate, sample.max,
+                         owned.applied if owned is not None else None)
+        if self._peaks.changed and (self._peaks_saved is None or now - self._peaks_saved >= PEAKS_SAVE_INTERVAL):
+            self._save_peaks(now)
+
+    def _save_peaks(self, now: float) -> None:
+        self._peaks_saved = now
+        try:
+            self._peaks.save(self._peaks_path)
+        except OSError:
+            pass   # a convenience for `recommend`; the journal is what matters, and it has its own errors
+
     def _publish(self, now: float) -> None:
+        self._note_peaks(now)
         fresh_action = self.last_action_at is not None and self.last_action_at != self._published_action
         self._published_action = self.last_action_at
         metrics_every = METRICS_BUSY_INTERVAL if self._under_pressure else METRICS_CALM_INTERVAL
@@ -561,6 +590,8 @@ class Agent:
 
     def stop(self, why: str = "signal") -> None:
         logsetup.emit(self.log, "agent_stopping", why=why)
+        if self._peaks is not None and self._peaks.changed:
+            self._save_peaks(self.clock())
         if self._metrics_server is not None:
             self._metrics_server.close()
             self._metrics_server = None
