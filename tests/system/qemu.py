@@ -73,8 +73,8 @@ PACKAGES = ("linux-image-amd64", "systemd", "systemd-sysv", "udev", "kmod", "dbu
             "python3", "python3-structlog", "python3-gi", "python3-pydbus", "iproute2", "nftables", "conntrack")
 REQUIRED_TOOLS = ("qemu-system-x86_64", "qemu-img", "mkfs.ext4", "debootstrap", "chroot")
 MEMORY_MB = 1024
-# Two vCPUs run on two host threads (multi-threaded TCG), which boots faster than one
-# on these 2-core machines; the guest sees a 2-CPU node.
+# A 2-CPU node, on two host threads (multi-threaded TCG). One vCPU booted no faster here
+# (4 alternating boots, 41-67 s either way); CONNTRACK_AGENT_TEST_VM_CPUS overrides.
 CPUS = int(os.environ.get("CONNTRACK_AGENT_TEST_VM_CPUS", "2"))
 KERNEL_CMDLINE = ("root=/dev/vda rw console=ttyS0 panic=-1 quiet loglevel=4 "
                   "systemd.show_status=error net.ifnames=0")

@@ -15,7 +15,9 @@ this shows the bug the agent fixes and measures what the fix has to work with:
   over several unload/load rounds;
 - a second boot of the same disk: the values are lost again, every boot (and
   the rig's VM keeps a disk across boots, which installing the agent's .deb
-  before a boot needs).
+  before a boot needs); and the listener, run under every sandboxing setting of
+  systemd/conntrack-agent.service (as an unprivileged user with CAP_NET_ADMIN,
+  RestrictAddressFamilies, the system call filter...), hears the module load.
 
 Two boots, about 1 minute each under TCG on a quiet machine and up to 2.5 on a
 loaded one, plus building the cached image on first use (4-8 minutes).
@@ -130,13 +132,59 @@ journalctl -b -u systemd-sysctl.service --no-pager -o cat | sed 's/^/sysctl_log 
 PYTHONPATH=/share/agent python3 /share/probe.py %d
 echo boot-1 > /var/lib/ctatest-marker
 """ % ROUNDS
+# The unit's [Service] settings that are not about sandboxing (how it starts, its
+# state directory, its user, which the .deb's sysusers.d would create).
+NOT_SANDBOX = {"Type", "NotifyAccess", "ExecStart", "ExecReload", "WatchdogSec", "Restart", "RestartSec",
+               "RestartPreventExitStatus", "TimeoutStopSec", "StateDirectory", "StateDirectoryMode", "User",
+               "Group"}
+LISTENER = r"""
+import select, sys, time
+sys.path.insert(0, "/share/agent")
+from conntrack_agent import uevent
+with uevent.UeventListener() as listener:
+    print("listening", flush=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if select.select([listener], [], [], 1)[0]:
+            if any(uevent.is_conntrack_load(e) for e in listener.read_events()):
+                print("heard add@/module/nf_conntrack", flush=True)
+                sys.exit(0)
+sys.exit(3)
+"""
 SECOND_BOOT = r"""
 echo "uptime_at_run $(cut -d' ' -f1 /proc/uptime)"
 echo "marker $(cat /var/lib/ctatest-marker)"
 echo "lsmod_conntrack $(lsmod | grep -c '^nf_conntrack' || true)"
+useradd --system --no-create-home ctatest-agent
+mapfile -t settings < /share/sandbox.conf
+props=(); for s in "${settings[@]}"; do props+=(-p "$s"); done
+echo "sandbox_settings ${#settings[@]}"
+systemd-run --quiet --unit ctatest-listen -p User=ctatest-agent -p Group=ctatest-agent "${props[@]}"     /usr/bin/python3 /share/listener.py
+for i in $(seq 120); do
+    journalctl -u ctatest-listen -o cat | grep -q listening && break
+    sleep 1
+done
 modprobe nf_conntrack
+for i in $(seq 120); do
+    [ "$(systemctl show -p ActiveState --value ctatest-listen)" = active ] || break
+    sleep 1
+done
+echo "listener_result $(systemctl show -p Result --value ctatest-listen) $(systemctl show -p ExecMainStatus --value ctatest-listen)"
+journalctl -u ctatest-listen -o cat | sed 's/^/listener_log /'
 echo "max $(cat /proc/sys/net/netfilter/nf_conntrack_max)"
 """
+
+
+def sandbox_settings() -> list:
+    """The sandboxing lines of the agent's unit, as systemd-run properties."""
+    lines, in_service = [], False
+    for line in (REPO / "systemd" / "conntrack-agent.service").read_text().splitlines():
+        if line.startswith("["):
+            in_service = line == "[Service]"
+        elif in_service and "=" in line and not line.startswith("#"):
+            if line.split("=", 1)[0] not in NOT_SANDBOX:
+                lines.append(line)
+    return lines
 
 
 def _require() -> None:
@@ -163,10 +211,17 @@ def test_sysctl_d_is_lost_when_nf_conntrack_loads_late_and_the_uevent_says_when(
     files = {"root/etc/sysctl.d/90-ctatest.conf": tmp_path / "90-ctatest.conf",
              "probe.py": tmp_path / "probe.py",
              "agent/conntrack_agent": REPO / "agent" / "conntrack_agent"}
+    sandbox = sandbox_settings()
+    assert "RestrictAddressFamilies=AF_UNIX AF_NETLINK" in sandbox and len(sandbox) > 20, sandbox
+    (tmp_path / "sandbox.conf").write_text("\n".join(sandbox) + "\n")
+    (tmp_path / "listener.py").write_text(LISTENER)
     with qemu.VM(image) as vm:
         code, out = vm.boot(SCRIPT, files, timeout=VM_TIMEOUT)
         seconds = vm.last_seconds
-        code2, out2 = vm.boot(SECOND_BOOT, timeout=VM_TIMEOUT)
+        code2, out2 = vm.boot(SECOND_BOOT, {"sandbox.conf": tmp_path / "sandbox.conf",
+                                            "listener.py": tmp_path / "listener.py",
+                                            "agent/conntrack_agent": REPO / "agent" / "conntrack_agent"},
+                              timeout=VM_TIMEOUT)
         seconds2 = vm.last_seconds
     lines = dict(line.split(" ", 1) for line in out.splitlines() if " " in line and not line.startswith("RESULT"))
     assert code == 0 and "RESULT " in out, out
@@ -203,6 +258,9 @@ def test_sysctl_d_is_lost_when_nf_conntrack_loads_late_and_the_uevent_says_when(
     second = dict(line.split(" ", 1) for line in out2.splitlines() if " " in line)
     assert code2 == 0 and second["marker"] == "boot-1", out2
     assert second["lsmod_conntrack"] == "0" and int(second["max"]) == result["after_load"]["max"], out2
+    # The listener under the unit's sandbox heard the load.
+    assert second["sandbox_settings"] == str(len(sandbox)), out2
+    assert second["listener_result"] == "success 0" and "listener_log heard add@/module/nf_conntrack" in out2, out2
 
     spawn = [first["spawn_to_event_ms"]] + [r["spawn_to_event_ms"] for r in rounds]
     tail = [first["event_to_modprobe_exit_ms"]] + [r["event_to_modprobe_exit_ms"] for r in rounds]
