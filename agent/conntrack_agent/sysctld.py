@@ -4,8 +4,9 @@ The only module that reads sysctl.d. Why the agent needs it: on a kernel where
 nf_conntrack is a module (Debian 12's 6.1), systemd-sysctl.service applies
 /etc/sysctl.d at boot, usually before anything loads nf_conntrack; its
 net.netfilter.nf_conntrack_* lines then fail (ENOENT, logged and skipped) and
-nothing applies them when the module arrives later (systemd re-runs
-systemd-sysctl on a module load for `bridge` only, 99-systemd.rules). Measured
+nothing applies them when the module arrives later (Debian 12's udev rules
+re-run systemd-sysctl only for a new network device's own keys,
+99-systemd.rules; nothing for a module). Measured
 in a Debian 12 VM: nf_conntrack_max=131072 in /etc/sysctl.d stays at the
 kernel's default after `modprobe nf_conntrack` (tests/system/test_boot_vm.py).
 The agent can read here what the admin asked for and apply it when the module

@@ -1,0 +1,274 @@
+"""A stock Debian 12 node booted under qemu: nf_conntrack arrives late, sysctl.d loses.
+
+tests/system/qemu.py boots Debian 12's own kernel (6.1, nf_conntrack a module)
+with an admin's /etc/sysctl.d/90-ctatest.conf in place before boot. Inside,
+this shows the bug the agent fixes and measures what the fix has to work with:
+
+- nothing loads nf_conntrack at boot: no module, no sysctls, and
+  systemd-sysctl's writes of the file's conntrack lines failed;
+- `modprobe nf_conntrack` later: uevent.py hears "add@/module/nf_conntrack",
+  the sysctls already exist at that moment, and hold the kernel's defaults, not
+  the file's values (nothing re-applies sysctl.d);
+- sysctld.py reads the file's values from the node's real sysctl.d, and writing
+  them right after the uevent makes them stick: the agent's fix, in miniature;
+- the latency from starting modprobe to the uevent (printed for the benchmark),
+  over several unload/load rounds;
+- a second boot of the same disk: the values are lost again, every boot (and
+  the rig's VM keeps a disk across boots, which installing the agent's .deb
+  before a boot needs); and the listener, run under every sandboxing setting of
+  systemd/conntrack-agent.service (as an unprivileged user with CAP_NET_ADMIN,
+  RestrictAddressFamilies, the system call filter...), hears the module load.
+
+Two boots, about 1 minute each under TCG on a quiet machine and up to 2.5 on a
+loaded one, plus building the cached image on first use (4-8 minutes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import qemu  # noqa: E402
+import rig  # noqa: E402
+
+pytestmark = pytest.mark.system
+
+REPO = HERE.parents[1]
+SYSCTL_FILE = """\
+# an admin's conntrack sizing, as on many nodes
+net.netfilter.nf_conntrack_max = 131072
+net.netfilter.nf_conntrack_tcp_timeout_established = 7200
+"""
+ROUNDS = 5
+VM_TIMEOUT = 420  # seconds per boot; one took 50-160 s here, depending on the machine's load
+
+# Runs inside the VM, with the agent's package from the tree on PYTHONPATH.
+PROBE = r"""
+import json, os, select, subprocess, sys, time
+from conntrack_agent import sysctld, uevent
+
+NF = "/proc/sys/net/netfilter/"
+ROUNDS = int(sys.argv[1])
+
+def read(name):
+    try:
+        with open(NF + name) as f:
+            return int(f.read())
+    except OSError:
+        return None
+
+def load_and_wait(listener):
+    poller = select.poll()
+    poller.register(listener.fileno(), select.POLLIN)
+    listener.read_events()
+    started = time.monotonic()
+    proc = subprocess.Popen(["modprobe", "nf_conntrack"])
+    event_at = None
+    at_event = {}
+    while event_at is None and time.monotonic() - started < 60:
+        if poller.poll(1000):
+            for event in listener.read_events():
+                if uevent.is_conntrack_load(event):
+                    event_at = time.monotonic()
+                    # what the agent would find at this moment
+                    at_event = {"max": read("nf_conntrack_max"),
+                                "established": read("nf_conntrack_tcp_timeout_established"),
+                                "seqnum": event.seqnum, "env": event.env}
+                    break
+    proc.wait(60)
+    exited_at = time.monotonic()
+    return {"spawn_to_event_ms": None if event_at is None else (event_at - started) * 1000,
+            "event_to_modprobe_exit_ms": None if event_at is None else (exited_at - event_at) * 1000,
+            "modprobe_ms": (exited_at - started) * 1000, "modprobe_rc": proc.returncode, "at_event": at_event}
+
+result = {"before": {"present": os.path.exists(NF + "nf_conntrack_max")}}
+with uevent.UeventListener() as listener:
+    first = load_and_wait(listener)
+    result["first"] = first
+    result["after_load"] = {"max": read("nf_conntrack_max"),
+                            "established": read("nf_conntrack_tcp_timeout_established")}
+
+    settings = sysctld.read("/")
+    result["sysctld"] = {k: list(a) for k, a in settings.values.items()}
+    result["sysctld_problems"] = [str(p) for p in settings.problems]
+    result["sysctld_files"] = settings.files
+    # The fix in miniature: what sysctl.d asked for, written once the module is there.
+    started = time.monotonic()
+    for name, a in settings.values.items():
+        with open("/proc/sys/" + name.replace(".", "/"), "w") as f:
+            f.write("%d\n" % a.value)
+    result["apply_ms"] = (time.monotonic() - started) * 1000
+    result["after_apply"] = {"max": read("nf_conntrack_max"),
+                             "established": read("nf_conntrack_tcp_timeout_established")}
+
+    rounds = []
+    for _ in range(ROUNDS):
+        subprocess.run(["modprobe", "-r", "nf_conntrack"], check=True)
+        gone = not os.path.exists(NF + "nf_conntrack_max")
+        r = load_and_wait(listener)
+        r["was_unloaded"] = gone
+        rounds.append(r)
+    result["rounds"] = rounds
+    result["listener"] = {"overruns": listener.overruns, "malformed": listener.malformed,
+                          "ignored": listener.ignored}
+print("RESULT " + json.dumps(result))
+"""
+
+SCRIPT = r"""
+set -u
+echo "uptime_at_run $(cut -d' ' -f1 /proc/uptime)"
+echo "kernel $(uname -r)"
+echo "lsmod_conntrack $(lsmod | grep -c '^nf_conntrack' || true)"
+echo "sysctl_result $(systemctl show -p Result --value systemd-sysctl.service)"
+journalctl -b -u systemd-sysctl.service --no-pager -o cat | sed 's/^/sysctl_log /'
+PYTHONPATH=/share/agent python3 /share/probe.py %d
+echo boot-1 > /var/lib/ctatest-marker
+""" % ROUNDS
+# The unit's [Service] settings that are not about sandboxing (how it starts, its
+# state directory, its user, which the .deb's sysusers.d would create).
+NOT_SANDBOX = {"Type", "NotifyAccess", "ExecStart", "ExecReload", "WatchdogSec", "Restart", "RestartSec",
+               "RestartPreventExitStatus", "TimeoutStopSec", "StateDirectory", "StateDirectoryMode", "User",
+               "Group"}
+LISTENER = r"""
+import select, sys, time
+sys.path.insert(0, "/share/agent")
+from conntrack_agent import uevent
+with uevent.UeventListener() as listener:
+    print("listening", flush=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if select.select([listener], [], [], 1)[0]:
+            if any(uevent.is_conntrack_load(e) for e in listener.read_events()):
+                print("heard add@/module/nf_conntrack", flush=True)
+                sys.exit(0)
+sys.exit(3)
+"""
+SECOND_BOOT = r"""
+echo "uptime_at_run $(cut -d' ' -f1 /proc/uptime)"
+echo "marker $(cat /var/lib/ctatest-marker)"
+echo "lsmod_conntrack $(lsmod | grep -c '^nf_conntrack' || true)"
+useradd --system --no-create-home ctatest-agent
+mapfile -t settings < /share/sandbox.conf
+props=(); for s in "${settings[@]}"; do props+=(-p "$s"); done
+echo "sandbox_settings ${#settings[@]}"
+systemd-run --quiet --unit ctatest-listen -p User=ctatest-agent -p Group=ctatest-agent "${props[@]}"     /usr/bin/python3 /share/listener.py
+for i in $(seq 120); do
+    journalctl -u ctatest-listen -o cat | grep -q listening && break
+    sleep 1
+done
+modprobe nf_conntrack
+for i in $(seq 120); do
+    [ "$(systemctl show -p ActiveState --value ctatest-listen)" = active ] || break
+    sleep 1
+done
+echo "listener_result $(systemctl show -p Result --value ctatest-listen) $(systemctl show -p ExecMainStatus --value ctatest-listen)"
+journalctl -u ctatest-listen -o cat | sed 's/^/listener_log /'
+echo "max $(cat /proc/sys/net/netfilter/nf_conntrack_max)"
+"""
+
+
+def sandbox_settings() -> list:
+    """The sandboxing lines of the agent's unit, as systemd-run properties."""
+    lines, in_service = [], False
+    for line in (REPO / "systemd" / "conntrack-agent.service").read_text().splitlines():
+        if line.startswith("["):
+            in_service = line == "[Service]"
+        elif in_service and "=" in line and not line.startswith("#"):
+            if line.split("=", 1)[0] not in NOT_SANDBOX:
+                lines.append(line)
+    return lines
+
+
+def _require() -> None:
+    rig.require_root()
+    missing = qemu.missing_tools()
+    if missing:
+        reason = "missing tools: %s (apt-get install qemu-system-x86 qemu-utils e2fsprogs debootstrap)" % (
+            ", ".join(missing))
+        if os.environ.get("CI"):
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+
+
+def _median(values):
+    values = sorted(values)
+    return values[len(values) // 2]
+
+
+def test_sysctl_d_is_lost_when_nf_conntrack_loads_late_and_the_uevent_says_when(tmp_path):
+    _require()
+    image = qemu.ensure_vm_image()
+    (tmp_path / "90-ctatest.conf").write_text(SYSCTL_FILE)
+    (tmp_path / "probe.py").write_text(PROBE)
+    files = {"root/etc/sysctl.d/90-ctatest.conf": tmp_path / "90-ctatest.conf",
+             "probe.py": tmp_path / "probe.py",
+             "agent/conntrack_agent": REPO / "agent" / "conntrack_agent"}
+    sandbox = sandbox_settings()
+    assert "RestrictAddressFamilies=AF_UNIX AF_NETLINK" in sandbox and len(sandbox) > 20, sandbox
+    (tmp_path / "sandbox.conf").write_text("\n".join(sandbox) + "\n")
+    (tmp_path / "listener.py").write_text(LISTENER)
+    with qemu.VM(image) as vm:
+        code, out = vm.boot(SCRIPT, files, timeout=VM_TIMEOUT)
+        seconds = vm.last_seconds
+        code2, out2 = vm.boot(SECOND_BOOT, {"sandbox.conf": tmp_path / "sandbox.conf",
+                                            "listener.py": tmp_path / "listener.py",
+                                            "agent/conntrack_agent": REPO / "agent" / "conntrack_agent"},
+                              timeout=VM_TIMEOUT)
+        seconds2 = vm.last_seconds
+    lines = dict(line.split(" ", 1) for line in out.splitlines() if " " in line and not line.startswith("RESULT"))
+    assert code == 0 and "RESULT " in out, out
+    result = json.loads(out.split("RESULT ", 1)[1].splitlines()[0])
+
+    # A Debian 12 node, and nothing loaded nf_conntrack at boot.
+    assert lines["kernel"].startswith("6.1."), out
+    assert lines["lsmod_conntrack"] == "0" and result["before"]["present"] is False, out
+    # systemd-sysctl did read the file at boot, and could not write it.
+    log = "\n".join(l for l in out.splitlines() if l.startswith("sysctl_log "))
+    assert "net/netfilter/nf_conntrack_max" in log and "No such file or directory" in log, out
+
+    # modprobe: the uevent comes, after the module's init (its sysctls exist)...
+    first = result["first"]
+    assert first["modprobe_rc"] == 0 and first["spawn_to_event_ms"] is not None, result
+    assert first["at_event"]["max"] is not None and first["at_event"]["env"]["SUBSYSTEM"] == "module", result
+    # ...and sysctl.d's values are not there: the bug.
+    assert result["after_load"]["max"] != 131072 and result["after_load"]["established"] == 432000, result
+
+    # sysctld finds what the admin asked for, and writing it then works.
+    assert result["sysctld"] == {
+        "net.netfilter.nf_conntrack_max": [131072, "/etc/sysctl.d/90-ctatest.conf", 2, False],
+        "net.netfilter.nf_conntrack_tcp_timeout_established": [7200, "/etc/sysctl.d/90-ctatest.conf", 3, False]}
+    assert result["sysctld_problems"] == [], result
+    assert result["after_apply"] == {"max": 131072, "established": 7200}, result
+
+    rounds = result["rounds"]
+    assert all(r["was_unloaded"] and r["modprobe_rc"] == 0 and r["spawn_to_event_ms"] is not None
+               and r["at_event"]["max"] is not None for r in rounds), rounds
+    assert result["listener"]["overruns"] == 0 and result["listener"]["malformed"] == 0, result
+
+    # Boot 2, same disk: boot 1's marker is there, the file still is, the module is not
+    # loaded, and the max after a modprobe is the default again.
+    second = dict(line.split(" ", 1) for line in out2.splitlines() if " " in line)
+    assert code2 == 0 and second["marker"] == "boot-1", out2
+    assert second["lsmod_conntrack"] == "0" and int(second["max"]) == result["after_load"]["max"], out2
+    # The listener under the unit's sandbox heard the load.
+    assert second["sandbox_settings"] == str(len(sandbox)), out2
+    assert second["listener_result"] == "success 0" and "listener_log heard add@/module/nf_conntrack" in out2, out2
+
+    spawn = [first["spawn_to_event_ms"]] + [r["spawn_to_event_ms"] for r in rounds]
+    tail = [first["event_to_modprobe_exit_ms"]] + [r["event_to_modprobe_exit_ms"] for r in rounds]
+    print("\nVM (%s, TCG, %d MB, %d vCPU): qemu start to poweroff %.1f s and %.1f s, run.sh started at uptime "
+          "%s s and %s s (load average %.1f)" % (image.kernel_version, qemu.MEMORY_MB, qemu.CPUS, seconds, seconds2,
+                                                 lines["uptime_at_run"], second["uptime_at_run"], os.getloadavg()[0]))
+    print("modprobe nf_conntrack -> uevent seen: first %.1f ms, over %d loads median %.1f ms, max %.1f ms"
+          % (spawn[0], len(spawn), _median(spawn), max(spawn)))
+    print("uevent seen -> modprobe exited: median %.1f ms; writing sysctl.d's 2 values: %.2f ms; "
+          "default max %s, established %s"
+          % (_median(tail), result["apply_ms"], result["after_load"]["max"], result["after_load"]["established"]))
