@@ -33,7 +33,6 @@ import json
 import math
 import os
 import re
-import secrets
 import stat
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -72,8 +71,12 @@ _QUARANTINE_ATTEMPTS = 100
 
 
 def _random_token() -> str:
-    """The random part of temporary file names (tests replace it to plant names)."""
-    return secrets.token_hex(8)
+    """The random part of temporary file names (tests replace it to plant names).
+
+    os.urandom, as secrets.token_hex does, without importing secrets: its hmac and
+    hashlib map OpenSSL's libcrypto into the daemon, +3.7 MB of RSS (measured with
+    Debian 12's /usr/bin/python3, a fresh interpreter importing hashlib)."""
+    return os.urandom(8).hex()
 
 
 @dataclass
