@@ -8,16 +8,44 @@ and under systemd the journald sink (journald.py) sends the fields natively.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import sys
 import time
+import types
 from typing import Any, Dict, Optional, TextIO
 
-import structlog
 
-from . import events
-from .journald import format_exc_info
+class _Deferred(types.ModuleType):
+    """Stands in sys.modules for a module until something reads one of its
+    attributes: it then takes itself out, imports the real module and hands over
+    (a later `import` gets the real one)."""
+
+    def __getattr__(self, name: str) -> Any:
+        if sys.modules.get(self.__name__) is self:
+            del sys.modules[self.__name__]
+        return getattr(importlib.import_module(self.__name__), name)
+
+
+def _defer_asyncio() -> None:
+    """structlog imports asyncio at import time, for its async log methods (ainfo(),
+    ...) and AsyncBoundLogger, which the agent never calls: +5 MB of the daemon's RSS
+    for nothing (bench/rss_installed.py). Unless something imported it already,
+    asyncio gets a stand-in that imports it on first use: structlog's `import
+    asyncio` binds the stand-in, and a caller that does use asyncio gets all of it.
+    (importlib.util.LazyLoader cannot do this: `import` itself reads the lazy
+    module's __spec__, which loads it.)"""
+    if "asyncio" not in sys.modules:
+        sys.modules["asyncio"] = _Deferred("asyncio")
+
+
+_defer_asyncio()
+
+import structlog  # noqa: E402  (after _defer_asyncio)
+
+from . import events  # noqa: E402
+from .journald import format_exc_info  # noqa: E402
 
 # syslog priority -> stdlib level that structlog filters on
 _LEVEL = {events.ERR: logging.ERROR, events.WARNING: logging.WARNING,
