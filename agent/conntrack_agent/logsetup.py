@@ -42,14 +42,16 @@ class _DeferredAsyncio(_Deferred):
 def _defer_imports() -> None:
     """structlog imports modules at import time that the agent's use of it never
     reaches: asyncio for its async log methods (ainfo(), ...), +1.6 MB of the
-    daemon's RSS on Debian 12 and +2.0 MB on Debian 13 (bench/rss_installed.py);
-    on Debian 13 (structlog 25) also shutil, for the terminal width of its
-    ConsoleRenderer, and with it bz2 and lzma, +0.5 MB. Unless something imported
+    daemon's RSS on Debian 12 (bench/rss_installed.py; on Debian 13 PyGObject 3.50
+    imports asyncio itself, so there only --no-dbus is spared it); on Debian 13 (structlog 25) also shutil, for the terminal width of its
+    ConsoleRenderer, and with it bz2 and lzma, +0.5 MB; and uuid, for the names of
+    its deprecated thread-local classes (+0.3 MB with the platform module it brings
+    on Debian 12, +0.1 MB on Debian 13). Unless something imported
     them already, each gets a stand-in that imports it on first use: structlog's
     `import` binds the stand-in, and a caller that does use the module gets all of
     it. (importlib.util.LazyLoader cannot do this: `import` itself reads a lazy
     module's __spec__, which loads it.)"""
-    for name, kind in (("asyncio", _DeferredAsyncio), ("shutil", _Deferred)):
+    for name, kind in (("asyncio", _DeferredAsyncio), ("shutil", _Deferred), ("uuid", _Deferred)):
         if name not in sys.modules:
             sys.modules[name] = kind(name)
 
