@@ -22,13 +22,19 @@ class _Deferred(types.ModuleType):
     attributes: it then takes itself out, imports the real module and hands over
     (a later `import` gets the real one)."""
 
+    package = False   # `from X import Y` asks a module for __path__: only a package's is worth loading
+
     def __getattr__(self, name: str) -> Any:
+        if name == "__path__" and not self.package:
+            raise AttributeError(name)
         if sys.modules.get(self.__name__) is self:
             del sys.modules[self.__name__]
         return getattr(importlib.import_module(self.__name__), name)
 
 
 class _DeferredAsyncio(_Deferred):
+    package = True
+
     def current_task(self, loop: Any = None) -> Any:
         """What logging.LogRecord asks of any asyncio in sys.modules (Python 3.12+):
         with asyncio never loaded no event loop can run, and asyncio's own answer
@@ -39,6 +45,11 @@ class _DeferredAsyncio(_Deferred):
         raise RuntimeError("no running event loop")
 
 
+class _DeferredPickle(_Deferred):
+    # pickle's own: it takes these from its C accelerator, which costs nothing more.
+    from _pickle import PicklingError
+
+
 def _defer_imports() -> None:
     """structlog imports modules at import time that the agent's use of it never
     reaches: asyncio for its async log methods (ainfo(), ...), +1.6 MB of the
@@ -46,12 +57,15 @@ def _defer_imports() -> None:
     imports asyncio itself, so there only --no-dbus is spared it); on Debian 13 (structlog 25) also shutil, for the terminal width of its
     ConsoleRenderer, and with it bz2 and lzma, +0.5 MB; and uuid, for the names of
     its deprecated thread-local classes (+0.3 MB with the platform module it brings
-    on Debian 12, +0.1 MB on Debian 13). Unless something imported
+    on Debian 12, +0.1 MB on Debian 13); and pickle, for the PicklingError its
+    loggers raise (+0.1 MB on Debian 12, +0.25 MB on Debian 13; the stand-in hands
+    out the same class, from _pickle). Unless something imported
     them already, each gets a stand-in that imports it on first use: structlog's
     `import` binds the stand-in, and a caller that does use the module gets all of
     it. (importlib.util.LazyLoader cannot do this: `import` itself reads a lazy
     module's __spec__, which loads it.)"""
-    for name, kind in (("asyncio", _DeferredAsyncio), ("shutil", _Deferred), ("uuid", _Deferred)):
+    for name, kind in (("asyncio", _DeferredAsyncio), ("shutil", _Deferred), ("uuid", _Deferred),
+                       ("pickle", _DeferredPickle)):
         if name not in sys.modules:
             sys.modules[name] = kind(name)
 

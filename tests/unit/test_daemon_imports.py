@@ -36,6 +36,7 @@ KEPT_OUT = {
     "subprocess": "came with asyncio; the daemon starts no process",
     "uuid": "structlog's, for its deprecated thread-local classes (logsetup defers it), +0.3 MB",
     "platform": "uuid's, on Python 3.11",
+    "pickle": "structlog's, for one exception class (logsetup hands out the same one from _pickle)",
     "http.server": "only with [metrics] listen (metrics_http), +2.7 MB",
     "socketserver": "http.server's",
     "http": "http.server's",
@@ -158,3 +159,20 @@ def test_structlog_async_methods_still_work():
             "print(stream.getvalue().strip())")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert '"event":"hello"' in proc.stdout, proc.stderr
+
+
+def test_the_other_stand_ins_hand_over_the_real_modules():
+    code = ("import sys\n"
+            "from conntrack_agent import logsetup\n"
+            "import structlog._output, _pickle\n"
+            "assert structlog._output.PicklingError is _pickle.PicklingError\n"
+            "assert {type(sys.modules[m]).__name__ for m in ('pickle', 'uuid', 'shutil')} <= {'_Deferred', "
+            "'_DeferredPickle', 'module'}\n"
+            "import pickle, uuid, shutil\n"
+            "assert pickle.loads(pickle.dumps([1])) == [1] and pickle.PicklingError is _pickle.PicklingError\n"
+            "assert len(str(uuid.uuid4())) == 36 and shutil.get_terminal_size((80, 24)).columns > 0\n"
+            "assert all(type(sys.modules[m]).__name__ == 'module' for m in ('pickle', 'uuid', 'shutil'))\n"
+            "from uuid import UUID\n"
+            "print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "ok", proc.stderr
