@@ -52,18 +52,19 @@ class _DeferredPickle(_Deferred):
 
 def _defer_imports() -> None:
     """structlog imports modules at import time that the agent's use of it never
-    reaches: asyncio for its async log methods (ainfo(), ...), +1.6 MB of the
-    daemon's RSS on Debian 12 (bench/rss_installed.py; on Debian 13 PyGObject 3.50
-    imports asyncio itself, so there only --no-dbus is spared it); on Debian 13 (structlog 25) also shutil, for the terminal width of its
-    ConsoleRenderer, and with it bz2 and lzma, +0.5 MB; and uuid, for the names of
-    its deprecated thread-local classes (+0.3 MB with the platform module it brings
-    on Debian 12, +0.1 MB on Debian 13); and pickle, for the PicklingError its
-    loggers raise (+0.1 MB on Debian 12, +0.25 MB on Debian 13; the stand-in hands
-    out the same class, from _pickle). Unless something imported
-    them already, each gets a stand-in that imports it on first use: structlog's
-    `import` binds the stand-in, and a caller that does use the module gets all of
-    it. (importlib.util.LazyLoader cannot do this: `import` itself reads a lazy
-    module's __spec__, which loads it.)"""
+    reaches (RSS measured with bench/rss_installed.py and fresh interpreters):
+    - asyncio, for its async log methods (ainfo(), ...): +1.6 MB on Debian 12 (on
+      Debian 13 PyGObject 3.50 imports asyncio itself: only --no-dbus is spared it);
+    - shutil, for its ConsoleRenderer's terminal width (structlog 25, Debian 13),
+      with bz2 and lzma: +0.5 MB;
+    - uuid, for the names of its deprecated thread-local classes: +0.3 MB with the
+      platform module it brings on Debian 12, +0.1 MB on Debian 13;
+    - pickle, for the PicklingError its loggers raise: +0.1 MB on Debian 12, +0.25 MB
+      on Debian 13 (the stand-in hands out the very same class, from _pickle).
+    Unless something imported them already, each gets a stand-in that imports it on
+    first use: structlog's `import` binds the stand-in, and a caller that does use
+    the module gets all of it. (importlib.util.LazyLoader cannot do this: `import`
+    itself reads a lazy module's __spec__, which loads it.)"""
     for name, kind in (("asyncio", _DeferredAsyncio), ("shutil", _Deferred), ("uuid", _Deferred),
                        ("pickle", _DeferredPickle)):
         if name not in sys.modules:
