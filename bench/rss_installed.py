@@ -258,15 +258,24 @@ def group_of(module: str) -> str:
     return "the rest of the standard library"
 
 
-LADDER_ORDER = ("the rest of the standard library", "asyncio", "structlog", "the agent's modules", "gi + pydbus")
-LADDER_LABELS = {"gi + pydbus": "D-Bus: gi, pydbus and conntrack_agent.dbus_service"}
+# The ladder's order: structlog comes in through conntrack_agent.logsetup, as in the
+# daemon, so its stand-ins (asyncio, shutil, uuid, pickle) are in place first; asyncio
+# before D-Bus, so what PyGObject 3.50 (Debian 13) loads of it shows on its own row.
+LADDER_ORDER = ("the rest of the standard library", "structlog", "the agent's modules", "asyncio", "gi + pydbus")
+LADDER_LABELS = {
+    "structlog": "structlog, through conntrack_agent.logsetup (its stand-ins first) and what it imports",
+    "the agent's modules": "the agent's other modules",
+    "asyncio": "asyncio, where the unit loaded it",
+    "gi + pydbus": "D-Bus: gi, pydbus where the unit imported it, conntrack_agent.dbus_service",
+}
 
 
 def ladder(b: Box, modules: Sequence[str]) -> Dict[str, Any]:
     """Import the unit's modules in a fresh interpreter, a group at a time."""
     groups: Dict[str, List[str]] = {name: [] for name in LADDER_ORDER}
+    groups["structlog"].append("conntrack_agent.logsetup")
     for m in modules:
-        if m in ("ssl", "_ssl"):
+        if m in ("ssl", "_ssl", "conntrack_agent.logsetup"):
             continue
         groups[group_of(m)].append(m)
     steps = [("ssl kept out", ["keep-tls-out"])] + [(name, groups[name]) for name in LADDER_ORDER if groups[name]]
