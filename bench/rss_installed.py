@@ -129,7 +129,7 @@ _TEXTFILE_COST = r"""
 import json, os, resource, sys, tempfile
 sys.modules.setdefault("ssl", None)
 from conntrack_agent import logsetup, service
-tmp = tempfile.mkdtemp()
+tmp = tempfile.mkdtemp(dir="/var/lib")   # the file system the real textfile is on
 os.mkdir(os.path.join(tmp, "node-exporter"))
 policy = os.path.join(tmp, "policy.toml")
 with open(policy, "w") as f:
@@ -463,7 +463,8 @@ def render(results: List[Dict[str, Any]], command: str, mach: Dict[str, Any], ar
     if costs:
         lines += ["", "The textfile's CPU, in-process (the installed package, as root in the container: the agent "
                   "started on the live table, then each call 2000 times, CPU time per call; the calm rewrite "
-                  "interval is %g s, every second only under pressure): %s. Against the idle agent's CPU without "
+                  "interval is %g s, every second only under pressure; written under /var/lib, the file system of the "
+                  "real textfile): %s. Against the idle agent's CPU without "
                   "the file, from the runs above." % (costs[0]["textfile_cost"]["calm_interval"], "; ".join(
                       "Debian %s: render %.0f µs, render + atomic write %.0f µs (%d bytes) = %.3f CPU s/hour, %.1f%% "
                       "of %.2f" % (r["release"], r["textfile_cost"]["render_us"], r["textfile_cost"]["publish_us"],
@@ -482,11 +483,9 @@ def render(results: List[Dict[str, Any]], command: str, mach: Dict[str, Any], ar
               ""]
     header = "| step | " + " | ".join("Debian %s: modules | RSS | import ms" % r["release"] for r in results) + " |"
     lines += [header, "| --- |" + " ---: | ---: | ---: |" * len(results)]
-    names = [s["step"] for s in results[0]["ladder"]["steps"]] if results else []
-    for r in results[1:]:
-        for s in r["ladder"]["steps"]:
-            if s["step"] not in names:
-                names.append(s["step"])
+    order = ["interpreter", "ssl kept out"] + list(LADDER_ORDER)
+    names = sorted({s["step"] for r in results for s in r["ladder"]["steps"]},
+                   key=lambda n: order.index(n) if n in order else len(order))
     for name in names:
         cells = []
         for r in results:
