@@ -258,6 +258,22 @@ def group_of(module: str) -> str:
     return "the rest of the standard library"
 
 
+# Why asyncio is loaded on Debian 13 and not on Debian 12 (read from PyGObject 3.50's
+# gi/_ossighelper.py and gi/overrides/GLib.py, and traced with a stand-in for asyncio).
+ASYNCIO_NOTE = (" asyncio comes with PyGObject 3.50 (Debian 13), not from the agent: its C module gi._gi reads "
+                "asyncio.InvalidStateError and asyncio._get_running_loop when it is imported, and the "
+                "GLib.MainLoop.run override asks asyncio for the running loop and the event-loop policy every time "
+                "the loop runs. On Debian 12 (PyGObject 3.42) logsetup's stand-in keeps it out.")
+# Earlier measurements with this script, for comparison (the same command and machine).
+HISTORY = [
+    "Before the memory work (the package built from commit 5cb8214, measured with this script's first version, "
+    "60 s idle, 2 rounds, 2026-11-29 22:52 UTC, same machine): Debian 12 29.7 MB, Debian 13 32.5 MB at peak (VmHWM, "
+    "without the textfile), OpenSSL's libcrypto mapped: `conntrack_agent.journal` imported `secrets` (hmac, "
+    "hashlib: a fresh interpreter importing hashlib grows by 3.7 MB on Debian 12, 4.8 MB on Debian 13); asyncio "
+    "came with structlog, pydbus with its proxy of the bus daemon (~1 MB), shutil, uuid and pickle with structlog.",
+    "",
+]
+
 # The ladder's order: structlog comes in through conntrack_agent.logsetup, as in the
 # daemon, so its stand-ins (asyncio, shutil, uuid, pickle) are in place first; asyncio
 # before D-Bus, so what PyGObject 3.50 (Debian 13) loads of it shows on its own row.
@@ -518,6 +534,28 @@ def render(results: List[Dict[str, Any]], command: str, mach: Dict[str, Any], ar
         if r["ladder"].get("failed"):
             lines.append("(not importable alone in the ladder: %s)" % "; ".join(r["ladder"]["failed"][:10]))
         lines.append("")
+    if len(results) >= 2:
+        a, b = results[0], results[-1]
+        def rows_of(r: Dict[str, Any]) -> Dict[str, float]:
+            steps = r["ladder"]["steps"]
+            out = {"interpreter": steps[0]["rss"]}
+            for prev, cur in zip(steps, steps[1:]):
+                out[cur["step"]] = cur["rss"] - prev["rss"]
+            out["running"] = r["summary"]["without"]["VmHWM"] - steps[-1]["rss"]
+            return out
+        ra, rb = rows_of(a), rows_of(b)
+        order = ["interpreter", "ssl kept out"] + list(LADDER_ORDER) + ["running"]
+        parts = []
+        for name in order:
+            d = rb.get(name, 0) - ra.get(name, 0)
+            if abs(d) >= 100:
+                label = {"running": "the running agent"}.get(name, LADDER_LABELS.get(name, name))
+                parts.append("%s %+.1f MB" % (label, d / 1024))
+        total = b["summary"]["without"]["VmHWM"] - a["summary"]["without"]["VmHWM"]
+        lines += ["Debian %s against Debian %s: %+.1f MB at peak; row by row (differences of 0.1 MB or more): %s.%s"
+                  % (b["release"], a["release"], total / 1024, "; ".join(parts), ASYNCIO_NOTE
+                     if rb.get("asyncio", 0) >= 100 and not ra.get("asyncio") else ""), ""]
+    lines += HISTORY
     lines += ["Against the targets:", ""]
     for t in targets(results):
         lines.append("- %s: %s — %s%s" % (t["target"], "met" if t["met"] else "**missed**", t["figure"],
