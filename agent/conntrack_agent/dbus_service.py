@@ -191,16 +191,20 @@ class AgentObject:
 
     # dispatch ------------------------------------------------------------------
 
-    def call(self, sender: Optional[str], interface: str, method: str, args: Tuple[Any, ...]) -> Any:
+    def call(self, sender: Optional[str], interface: str, method: str, parameters: Any) -> Any:
         """One call, as GDBus hands it over (it has already checked the interface,
         the property names and readability, and the argument types against
-        INTROSPECTION). Returns the reply's GLib.Variant or None; raises DBusError."""
+        INTROSPECTION). `parameters`: the call's GLib.Variant tuple. Returns the
+        reply's GLib.Variant or None; raises DBusError. A property read only picks
+        a cached reply: it unpacks nothing, builds nothing."""
         if interface == PROPERTIES_INTERFACE:
-            getall, get = self.replies()
+            getall, get = self._replies or self.replies()
             if method == "GetAll":
                 return getall
-            if method == "Get" and args[1] in get:
-                return get[args[1]]
+            if method == "Get":
+                reply = get.get(parameters.get_child_value(1).get_string())
+                if reply is not None:
+                    return reply
         elif interface == INTERFACE:
             if method == "Reload":
                 self.Reload(sender)
@@ -212,7 +216,7 @@ class AgentObject:
     def handle_call(self, _connection: Any, sender: str, _path: str, interface: str, method: str,
                     parameters: Any, invocation: Any) -> None:
         try:
-            reply = self.call(sender, interface, method, tuple(parameters.unpack()) if parameters else ())
+            reply = self.call(sender, interface, method, parameters)
         except DBusError as exc:
             invocation.return_dbus_error(type(exc).__name__, str(exc))
             return
