@@ -11,13 +11,17 @@ venv=$here/.venv
 
 # Debian packages: the kernel test rig (nftables, conntrack, iproute2), the system test
 # (debootstrap, systemd-nspawn), D-Bus bindings from the archive (python3-gi, python3-pydbus:
-# PyGObject does not build from PyPI against Debian 12's GLib), and the package builds.
+# PyGObject does not build from PyPI against Debian 12's GLib), the package builds, and
+# promtool (package prometheus) for the alert rules' unit tests, and prometheus with
+# prometheus-node-exporter, which tests/system/prom.py starts on 127.0.0.1 (on a host
+# booted with systemd, installing them also enables and starts Debian's own services).
 APT_PACKAGES=(
   python3 python3-venv python3-pip python3-gi python3-pydbus python3-structlog python3-pyroute2
   python3-yaml nftables conntrack iproute2 procps kmod dbus dbus-daemon
   debootstrap systemd-container
   dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-wheel
   python3-pytest groff-base lintian rpm rpmlint
+  prometheus prometheus-node-exporter
 )
 
 need_root() {

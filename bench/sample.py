@@ -43,7 +43,7 @@ import benchlib  # noqa: E402
 METHODS = [
     ("sampler", "agent: `Sampler.sample()`, count + max only (and the fill rate)"),
     ("sampler_counters", "agent: `Sampler.sample(counters=True)`, with the per-CPU counters"),
-    ("probe_read", "└ its kernel reads, count + max only (`NamespaceProbe.read`: GET_STATS)"),
+    ("probe_read", "└ its kernel reads, count + max only (`LinuxProbe.read`: GET_STATS)"),
     ("probe_read_counters", "└ its kernel reads with the counters (+ GET_STATS_CPU)"),
     ("ct_stats", "&nbsp;&nbsp;└ ctnetlink GET_STATS alone (count + max)"),
     ("ct_cpu_stats", "&nbsp;&nbsp;└ ctnetlink GET_STATS_CPU alone (drop, early_drop, … per CPU, summed)"),
@@ -91,7 +91,8 @@ def measure(rounds: int, batch: int, slow_batch: int, pypi_python: Optional[str]
     from conntrack_agent import model
     from conntrack_agent import sampler as sampler_module
     from conntrack_agent.ctnetlink import CtnetlinkSocket
-    from conntrack_agent.sampler import NamespaceProbe, Sampler
+    from conntrack_agent.kernel import LinuxProbe as NamespaceProbe
+    from conntrack_agent.sampler import Sampler
 
     # Without `counters`, a read skips the per-CPU counters unless the table is at least
     # COUNTERS_EVERY_TICK_FROM full or COUNTERS_REFRESH has passed since they were last

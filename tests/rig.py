@@ -3,7 +3,7 @@
 Real conntrack entries, made in throw-away network namespaces, cross-checked
 with conntrack-tools. Nothing here mocks the kernel.
 
-Why it looks like this (../shared/FACTS.md has the measurements):
+Why it looks like this (measured on the project's 2-vCPU Debian 12 test VMs, kernel 6.18):
 - conntrack only tracks a namespace once something there uses it, hence the
   nft table with ``ct state new counter`` in an output chain.
 - Flood datagrams are dropped on input so no ICMP unreachable comes back;

@@ -10,10 +10,14 @@ import time
 from typing import Any, List, Optional, Tuple
 
 from . import __version__, config
+from .evictspec import FIELDS, FIELDS_BY_NAME, Invalid, narrowing, parse_mark
 
 # 78 is EX_CONFIG: the unit's RestartPreventExitStatus=78 keeps an invalid policy
 # from becoming a restart loop.
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 78
+# `status --check`: the calm tick is at most agent.interval (1s by default, 60s at most);
+# a last tick older than this means the agent hangs or every tick fails.
+CHECK_MAX_AGE = 90.0
 
 DESCRIPTION = """\
 Keeps the kernel's conntrack table from filling. Watches the entry count against
@@ -91,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--kernel", action="store_true", help="read the kernel even when the agent runs")
+    status.add_argument("--check", action="store_true",
+                        help="exit 0 if the running agent ticked within --max-age, else 1 (a liveness probe)")
+    status.add_argument("--max-age", type=float, default=CHECK_MAX_AGE, metavar="SECONDS",
+                        help=f"with --check: the oldest last tick still alive (default {CHECK_MAX_AGE:g})")
 
     restore = sub.add_parser(
         "restore", formatter_class=_Formatter,
@@ -113,27 +121,32 @@ def build_parser() -> argparse.ArgumentParser:
     evict.add_argument("--dry-run", action="store_true", help="count what would be removed; change nothing")
     evict.add_argument("--rule", metavar="NAME", help="start from this policy rule's selectors")
     evict.add_argument("--netns", metavar="NAME", default="", help="namespace under /run/netns (default: own)")
-    evict.add_argument("--mode", choices=("delete", "age"), help="delete, or age: shorten the remaining timeout")
-    evict.add_argument("--age-timeout", metavar="DURATION", help='timeout given in age mode, e.g. "10s"')
-    evict.add_argument("--proto", action="append", metavar="PROTO", choices=config.PROTOCOLS,
-                       help="protocol (repeatable): " + ", ".join(config.PROTOCOLS))
-    evict.add_argument("--state", action="append", metavar="STATE", choices=config.TCP_STATES,
-                       help="TCP state (repeatable): " + ", ".join(config.TCP_STATES))
-    evict.add_argument("--status", choices=("any", "unreplied", "not_assured", "assured"))
-    evict.add_argument("--mark", metavar="MARK[/MASK]", help="conntrack mark, e.g. 0x10/0xff")
-    evict.add_argument("--zone", type=int)
-    evict.add_argument("--src", metavar="CIDR", help="original source address or CIDR")
-    evict.add_argument("--dst", metavar="CIDR", help="original destination address or CIDR")
-    evict.add_argument("--sport", type=int)
-    evict.add_argument("--dport", type=int)
-    evict.add_argument("--timeout-below", metavar="DURATION", help="remaining timeout below this (idle for long)")
-    evict.add_argument("--include-established", action="store_true",
-                       help="also select assured ESTABLISHED TCP entries (live connections)")
-    evict.add_argument("--budget-entries", type=int, metavar="N", help="at most N entries (0: no bound)")
-    evict.add_argument("--budget-time", metavar="DURATION", help='at most this long, e.g. "2s" ("0s": no bound)')
-    evict.add_argument("--target-usage", type=float, metavar="RATIO", help="stop once usage is at or below this")
+    _selector_options(evict)
     evict.add_argument("--json", action="store_true", help="machine-readable report")
     return parser
+
+
+def _selector_options(parser: argparse.ArgumentParser) -> None:
+    """One option per selector or budget, from the one definition the policy's
+    [rule.evict] uses too (evictspec.FIELDS); values are checked in _evict_selection."""
+    for spec_field in FIELDS:
+        if spec_field.option is None:
+            continue
+        kwargs: dict = {"dest": spec_field.name, "help": spec_field.help}
+        if spec_field.kind == "flag":
+            kwargs["action"] = "store_true"
+        elif spec_field.kind in ("choice", "names"):
+            kwargs["choices"] = spec_field.options
+            if spec_field.kind == "names":
+                kwargs["action"] = "append"
+                kwargs["help"] += ": " + ", ".join(spec_field.options)
+        if spec_field.metavar and spec_field.kind != "choice":
+            kwargs["metavar"] = spec_field.metavar
+        if spec_field.kind in ("integer", "duration", "ratio"):
+            kwargs["help"] += ", " + spec_field.range_text()
+        if spec_field.name == "mark":
+            kwargs["help"] += ", e.g. 0x10/0xff"
+        parser.add_argument(spec_field.option, **kwargs)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -174,13 +187,13 @@ def _load_or_report(args: argparse.Namespace, purpose: str = "") -> Optional[con
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    files = config.policy_files(args.config)
     try:
+        files = config.policy_files(args.config)
         policy = _load(args)
     except config.PolicyError as exc:
         _report_invalid(exc)
         return EXIT_FAIL
-    print("policy ok: " + (", ".join(str(f) for f in files) or "no files, built-in defaults"))
+    print("policy ok: " + (", ".join(config.printable(f) for f in files) or "no files, built-in defaults"))
     for line in config.describe(policy):
         print(f"  {line}")
     return EXIT_OK
@@ -207,10 +220,21 @@ def cmd_run(args: argparse.Namespace) -> int:
                       error=str(exc), errors=[str(p) for p in exc.problems])
         return EXIT_CONFIG
     logsetup.configure(args.log_format or policy.agent.log_format)
-    agent = service.Agent(args.config, args.dry_run, logsetup.get_logger(), initial=policy)
-    from . import mainloop
+    from . import mainloop, report
 
+    agent = service.Agent(args.config, args.dry_run, logsetup.get_logger(), initial=policy,
+                          report_path=_runtime_report_path(report.runtime_path()))
     return mainloop.run(agent, _notifier(), once=args.once, use_bus=not args.no_dbus)
+
+
+def _runtime_report_path(path: str) -> Optional[str]:
+    """The runtime report's path, its directory made if missing (a foreground run as root;
+    the unit's RuntimeDirectory= makes it for the service). None when it cannot be."""
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    except OSError:
+        return None
+    return path
 
 
 def _notifier() -> Any:
@@ -222,12 +246,11 @@ def _notifier() -> Any:
 
 
 def _kernel_agent(args: argparse.Namespace, policy: config.Policy) -> Any:
-    """A throw-away Agent that reads the kernel but never acts or writes state."""
+    """A read-only Agent: reads the kernel and the state file, never acts or writes."""
     from . import logsetup, service
 
     logsetup.configure("json", stream=open(os.devnull, "w"))
-    quiet = replace_state_file(policy)
-    agent = service.Agent(None, True, logsetup.get_logger(), initial=quiet)
+    agent = service.Agent(None, True, logsetup.get_logger(), initial=policy, read_only=True)
     agent.start()
     if agent.last_sample is None:
         return agent
@@ -236,61 +259,102 @@ def _kernel_agent(args: argparse.Namespace, policy: config.Policy) -> Any:
     return agent
 
 
-def replace_state_file(policy: config.Policy) -> config.Policy:
-    # Read-only commands must not create /var/lib/conntrack-agent as a side effect.
-    from dataclasses import replace
-    return replace(policy, agent=replace(policy.agent, state_file=os.devnull + ".conntrack-agent-readonly",
-                                         dry_run=True))
+def _running_agent_report() -> Tuple[Optional[dict], str]:
+    """The running agent's own report: over D-Bus, else its runtime file."""
+    from . import report
+
+    try:
+        from . import dbus_service
+        data = dbus_service.query_report()
+    except Exception:  # noqa: BLE001 - gi, the bus or the agent's API may be missing: try the file
+        data = None
+    if data:
+        return data, "agent (D-Bus)"
+    data = report.read_runtime()
+    if data:
+        return data, f"agent ({report.runtime_path()})"
+    return None, ""
+
+
+def _current_report(args: argparse.Namespace, policy: Optional[config.Policy]) -> Tuple[Optional[dict], str, Any]:
+    """(report, source, agent): the running agent's, or one built from the kernel and the
+    state file (timers then start from nothing: the agent is not running)."""
+    if not getattr(args, "kernel", False):
+        data, source = _running_agent_report()
+        if data is not None:
+            return data, source, None
+    if policy is None:
+        return None, "", None
+    agent = _kernel_agent(args, policy)
+    if agent.last_sample is None:
+        return None, "", agent
+    return agent.report(), f"kernel and {policy.agent.state_file} (no running agent found)", agent
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     policy = _load_or_report(args)
     if policy is None:
         return EXIT_CONFIG
-    agent = _kernel_agent(args, policy)
-    if agent.last_sample is None:
-        print(f"conntrack-agent: {agent.status_line()}", file=sys.stderr)
+    data, source, agent = _current_report(args, policy)
+    if data is None:
+        print(f"conntrack-agent: {agent.status_line() if agent else 'no reading'}", file=sys.stderr)
         return EXIT_FAIL
-    from . import decisions
-    decisions, _ = decisions.decide(agent.last_sample, agent.policy, agent.core, agent.env)
     if args.json:
-        print(json.dumps({"status": agent.snapshot(), "decisions": [d.__dict__ for d in decisions]}, default=str))
+        print(json.dumps(dict(data, source=source), default=str))
         return EXIT_OK
-    print(agent.status_line())
-    if not decisions:
-        print("nothing to do: no rule's trigger holds")
-    for d in decisions:
-        what = d.describe() if d.is_action else f"notice {d.kind}"
-        print(f"- {d.rule or '(agent)'}: would {what}: {d.reason}")
+    status = data["status"]
+    print(f"source: {source}")
+    print(f"count {status['count']}/{status['max']} ({status['usage']:.1%}), fill {status['fill_rate']:+.0f}/s")
+    from . import report
+    for line in report.format_owned(data["owned"]) + report.format_rules(data["rules"]):
+        print(line)
+    print("plan:" if data["plan"] else "plan: nothing to do: no rule's trigger holds, nothing is due to be restored")
+    for line in data["plan"]:
+        print(f"  - {line}")
+    return EXIT_OK
+
+
+def cmd_check_alive(args: argparse.Namespace) -> int:
+    """Liveness for a probe: the running agent's own report, and how old its last tick is."""
+    data, source = _running_agent_report()
+    if data is None:
+        print("not alive: no running agent found (no D-Bus API, no fresh runtime report)")
+        return EXIT_FAIL
+    last = data.get("last_tick_at")
+    if not isinstance(last, (int, float)):
+        print(f"not alive: the agent ({source}) has not finished a tick yet")
+        return EXIT_FAIL
+    age = time.time() - last
+    if age > args.max_age:
+        print(f"not alive: the last tick finished {age:.0f}s ago (over {args.max_age:g}s), per {source}")
+        return EXIT_FAIL
+    print(f"alive: last tick {age:.1f}s ago, per {source}")
     return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    snapshot = None
-    if not args.kernel:
-        try:
-            from . import dbus_service
-            snapshot = dbus_service.query_daemon()
-        except Exception:  # the bus, gi or the daemon may be missing: read the kernel instead
-            snapshot = None
-    source = "agent (D-Bus)"
-    if snapshot is None:
-        try:
-            policy = _load(args)
-        except config.PolicyError:
-            policy = config.loads(b"", "<built-in>")
-        agent = _kernel_agent(args, policy)
-        if agent.last_sample is None:
-            print(f"conntrack-agent: {agent.status_line()}", file=sys.stderr)
-            return EXIT_FAIL
-        snapshot = agent.snapshot()
+    if args.check:
+        return cmd_check_alive(args)
+    try:
+        policy: Optional[config.Policy] = _load(args)
+    except config.PolicyError as exc:
+        # The counts are worth having even when the policy is broken; it only
+        # names the namespaces to read.
+        _report_invalid(exc, "; reading the kernel with the built-in defaults")
+        policy = config.loads(b"", "<built-in>")
+    data, source, agent = _current_report(args, policy)
+    if data is None:
+        print(f"conntrack-agent: {agent.status_line() if agent else 'no reading'}", file=sys.stderr)
+        return EXIT_FAIL
+    snapshot = dict(data["status"])
+    if agent is not None:
         sample = agent.last_sample
         snapshot["drops"] = {k: sample.deltas.get(k, 0) for k in ("drop", "early_drop", "insert_failed")}
-        snapshot["totals"] = {k: v for k, v in agent.sampler.probes[sample.fullest.netns].read(time.monotonic, counters=True)
-                              .counters.items() if k in ("drop", "early_drop", "insert_failed")}
-        source = "kernel"
+        snapshot["totals"] = {k: v for k, v in agent.sampler.probes[sample.fullest.netns]
+                              .read(time.monotonic, counters=True).counters.items()
+                              if k in ("drop", "early_drop", "insert_failed")}
     if args.json:
-        print(json.dumps(dict(snapshot, source=source), default=str))
+        print(json.dumps(dict(snapshot, source=source, owned=data["owned"]), default=str))
         return EXIT_OK
     ttf = snapshot.get("time_to_full")
     rows = [
@@ -306,18 +370,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         rows.append(("last decision", snapshot["last_decision"]))
     for key, value in rows:
         print(f"{key:>14}: {value}")
+    from . import report
+    for line in report.format_owned(data["owned"]):
+        print(line)
     return EXIT_OK
 
 
-def _fullest_count(namespaces: Tuple[str, ...]) -> Tuple[int, str]:
+def _fullest_count(kernel: Any, namespaces: Tuple[str, ...]) -> Tuple[int, str]:
     """The largest entry count among the watched namespaces: the global max binds each."""
-    from . import netns, procfs
-
     best, where = 0, "the table"
     for name in namespaces or ("",):
         try:
-            with netns.entered(name):
-                count = procfs.read_sysctl("nf_conntrack_count")
+            count = kernel.read_sysctl(name, "nf_conntrack_count")
         except OSError:
             continue
         if count >= best:
@@ -326,50 +390,58 @@ def _fullest_count(namespaces: Tuple[str, ...]) -> Tuple[int, str]:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from . import netns, procfs
+    from . import actions, report
     from .journal import ChangeJournal, JournalError
+    from .kernel import LinuxKernel
 
     policy = _load_or_report(args, "; restore takes the state file's path from it")
     if policy is None:
         return EXIT_CONFIG
+    journal = ChangeJournal(policy.agent.state_file)
     try:
-        state = ChangeJournal(policy.agent.state_file).load()
+        loaded = journal.load(quarantine=False)
     except JournalError as exc:
         print(f"conntrack-agent: {exc}", file=sys.stderr)
         return EXIT_FAIL
-    if not state.entries():
+    for problem in loaded.problems:
+        print(f"conntrack-agent: could not read: {problem}", file=sys.stderr)
+    if not journal.entries():
         print(f"nothing to restore ({policy.agent.state_file} records no change)")
-        return EXIT_OK
+        return EXIT_FAIL if loaded.problems else EXIT_OK
+    kernel = LinuxKernel()
+    order = list(actions.REGISTRY)   # timeouts, then the max, then the buckets it needed
     failures = 0
-    for change in state.entries():
+    for change in sorted(journal.entries(), key=lambda c: order.index(c.action) if c.action in order else len(order)):
         where = f"{change.name}" + (f" in netns {change.netns}" if change.netns else "")
         try:
-            with netns.entered(change.netns):
-                current = procfs.read_sysctl(change.name)
-                if current == change.original:
-                    print(f"{where}: already {current}")
-                elif current != change.applied and not args.force:
-                    print(f"{where}: left at {current}: another writer changed it after the agent set "
-                          f"{change.applied} (--force restores {change.original} anyway)")
-                else:
-                    if change.name == "nf_conntrack_max" and not args.force:
-                        count, fullest = _fullest_count(policy.agent.namespaces)
-                        if count >= 0.9 * change.original:
-                            print(f"{where}: not lowered to {change.original}: {fullest} holds {count} entries "
-                                  "and new connections would be dropped (--force to do it anyway)")
-                            failures += 1
-                            continue
-                    procfs.write_sysctl(change.name, change.original)
-                    print(f"{where}: {current} -> {change.original}")
-            state.forget(change.netns, change.name)
+            current = kernel.read_sysctl(change.netns, change.name)
+            count = _fullest_count(kernel, policy.agent.namespaces)[0] if change.name == "nf_conntrack_max" else None
+            verdict, sentence = report.restore_verdict(change.name, change.original, change.applied, current,
+                                                       count, force=args.force)
+            if verdict == "wait":
+                failures += 1
+            elif verdict == "restore":
+                kernel.write_sysctl(change.netns, change.name, change.original)
+            print(f"{where}: {sentence}")
+            if verdict != "wait":
+                journal.forget(change.netns, change.name)
         except OSError as exc:
-            print(f"{where}: cannot restore: {exc.strerror or exc}", file=sys.stderr)
-            failures += 1
-    return EXIT_FAIL if failures else EXIT_OK
+            gone = kernel.is_missing(exc)
+            print(f"{where}: cannot restore: {exc.strerror or exc}"
+                  + ("; the namespace is gone, and its values with it (the record is dropped)" if gone else ""),
+                  file=sys.stderr)
+            if gone:
+                journal.forget(change.netns, change.name)
+            else:
+                failures += 1
+    return EXIT_FAIL if failures or loaded.problems else EXIT_OK
 
 
 def _evict_selection(args: argparse.Namespace, policy: config.Policy) -> config.Evict:
-    """The policy rule's [rule.evict] (or the defaults), with the command line on top."""
+    """The policy rule's [rule.evict] (or the defaults), with the command line on top.
+
+    Every value goes through the same checks as the policy's (evictspec.FIELDS):
+    what the policy refuses, the command line refuses too. Raises ValueError."""
     from dataclasses import replace
 
     base = config.Evict(budget_entries=0, budget_time=0.0) if not args.rule else None
@@ -380,35 +452,32 @@ def _evict_selection(args: argparse.Namespace, policy: config.Policy) -> config.
             raise ValueError(f"--rule {args.rule}: no evict rule of that name (evict rules: {known})")
         base = rule.evict
     changes: dict = {}
-    for name in ("mode", "status", "zone", "src", "dst", "sport", "dport", "budget_entries", "target_usage"):
-        value = getattr(args, name)
-        if value is not None:
-            changes[name] = value
-    if args.proto:
-        changes["protocols"] = tuple(args.proto)
-    if args.state:
-        changes["tcp_states"] = tuple(args.state)
-    if args.include_established:
-        changes["include_established"] = True
-    for name in ("age_timeout", "timeout_below", "budget_time"):
-        value = getattr(args, name)
-        if value is not None:
-            try:
-                changes[name] = config.parse_duration(value)
-            except ValueError:
-                raise ValueError(f"--{name.replace('_', '-')}: not a duration: {value!r} (e.g. \"10s\")") from None
-    if args.mark is not None:
-        mark, _, mask = args.mark.partition("/")
+    for spec_field in FIELDS:
+        if spec_field.option is None:
+            continue
+        value = getattr(args, spec_field.name)
+        if value is None or value is False:
+            continue
         try:
-            changes["mark"] = int(mark, 0)
-            if mask:
-                changes["mark_mask"] = int(mask, 0)
-        except ValueError:
-            raise ValueError(f"--mark: expected MARK or MARK/MASK such as 0x10/0xff, got {args.mark!r}") from None
-    return replace(base, **changes)
-
-
-_SELECTORS = ("proto", "state", "mark", "zone", "src", "dst", "sport", "dport", "timeout_below")
+            if spec_field.name == "mark":
+                changes["mark"], mask = parse_mark(value)
+                if mask is not None:
+                    changes["mark_mask"] = mask
+            elif spec_field.kind == "names":
+                changes[spec_field.name] = spec_field.validate(tuple(value))
+            elif spec_field.kind == "flag":
+                changes[spec_field.name] = True
+            else:
+                changes[spec_field.name] = spec_field.from_text(value)
+        except Invalid as exc:
+            raise ValueError(f"{spec_field.option}: {exc}") from None
+    try:
+        return replace(base, **changes)
+    except ValueError as exc:  # the spec's checks across fields: "evict.src/dst: why"
+        head, _, why = str(exc).partition(": ")
+        names = head.replace("evict.", "").split("/")
+        options = "/".join(FIELDS_BY_NAME[n].option or n if n in FIELDS_BY_NAME else n for n in names)
+        raise ValueError(f"{options}: {why}") from None
 
 
 def cmd_evict(args: argparse.Namespace) -> int:
@@ -423,10 +492,20 @@ def cmd_evict(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"conntrack-agent evict: {exc}", file=sys.stderr)
         return EXIT_FAIL
-    named = any(getattr(args, s) is not None for s in _SELECTORS) or args.status not in (None, "any")
-    if not args.dry_run and not args.rule and not named:
-        print("conntrack-agent evict: name at least one selector (or --rule) to evict for real; "
-              "--dry-run previews any selection", file=sys.stderr)
+    if args.netns and not config.valid_netns_name(args.netns):
+        print(f"conntrack-agent evict: --netns: expected a name from /run/netns, got {args.netns!r}",
+              file=sys.stderr)
+        return EXIT_FAIL
+    # A selector counts by what it leaves out: --src 0.0.0.0/0 names one but narrows nothing.
+    established = config.established_timeout(policy)
+    if not args.dry_run and not args.rule and not narrowing(spec, established):
+        print("conntrack-agent evict: name at least one selector that narrows the selection (or --rule) "
+              "to evict for real; --dry-run previews any selection", file=sys.stderr)
+        return EXIT_FAIL
+    if not args.dry_run and spec.include_established and not narrowing(spec, established, live_connections=True):
+        print("conntrack-agent evict: --include-established with no selector that leaves some live TCP "
+              "connections out would cut every one of them; narrow it (e.g. --dport, --src, --mark, "
+              f"--timeout-below under {config.format_duration(established)})", file=sys.stderr)
         return EXIT_FAIL
     try:
         with netns.entered(args.netns):
@@ -436,6 +515,9 @@ def cmd_evict(args: argparse.Namespace) -> int:
         return EXIT_FAIL
     try:
         report = evict.evict(sock, spec, dry_run=args.dry_run)
+    except OSError as exc:  # the kernel refused, or answered what cannot be read (MalformedMessage)
+        print(f"conntrack-agent evict: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAIL
     finally:
         sock.close()
     fields = evict_fields(report)

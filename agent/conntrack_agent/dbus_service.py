@@ -8,11 +8,12 @@ properties for what `conntrack-agent status` shows, Reload and Evaluate, and a
 Decision signal. Bus name, path and interface are versioned by the trailing "1"
 and never change meaning; a breaking change gets a "2".
 
-Access: systemd/io.github.conntrack_agent1.conf lets root and the adm group read
-properties, anyone introspect, and only root call methods. The methods check the
-caller's uid again themselves, because a bus policy is one admin edit away from
-being wrong, and a reload or an evaluation run on behalf of anyone would let any
-local user make the agent touch the kernel.
+Access: systemd/io.github.conntrack_agent1.conf lets root and the
+conntrack-agent group read properties and introspect, nobody else anything, and
+only root call methods. The methods check the caller's uid again themselves,
+because a bus policy is one admin edit away from being wrong, and a reload or an
+evaluation run on behalf of anyone would let any local user make the agent touch
+the kernel.
 
 Cost per call: the bus's work runs in the agent's one thread, between ticks, so
 it must be small and must not come first. Property reads are answered from
@@ -26,6 +27,7 @@ due tick goes before queued calls. Measured in systemd/README.md.
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -58,7 +60,8 @@ TIMER_PRIORITY = GLib.PRIORITY_HIGH
 # Read-only properties: name, D-Bus type. TimeToFull is seconds until full at
 # the current fill rate, -1 when not filling (D-Bus has no null).
 PROPERTIES = (("Count", "t"), ("Max", "t"), ("Buckets", "t"), ("Usage", "d"), ("FillRate", "d"),
-              ("TimeToFull", "d"), ("LastDecision", "s"), ("PolicyPath", "s"), ("DryRun", "b"))
+              ("TimeToFull", "d"), ("LastDecision", "s"), ("PolicyPath", "s"), ("DryRun", "b"),
+              ("Report", "s"))
 
 
 def _uint(value: Any) -> int:
@@ -77,6 +80,9 @@ SOURCES: Dict[str, Tuple[str, Callable[[Any], Any], Any]] = {
     "LastDecision": ("last_decision", str, ""),
     "PolicyPath": ("policy_path", str, ""),
     "DryRun": ("dry_run", bool, False),
+    # JSON: what the agent owns (with originals and what restore would do) and where
+    # each rule's timers stand; `plan` and `status` show it (service.Agent.report).
+    "Report": ("report", str, "{}"),
 }
 
 # EmitsChangedSignal=false: the numbers change every tick (up to 20 times a second);
@@ -167,7 +173,7 @@ class AgentObject:
             if self._snapshot_error is not None:
                 raise Failed(self._snapshot_error)
             try:
-                snapshot = self._agent.snapshot()
+                snapshot = dict(self._agent.snapshot(), report=json.dumps(self._agent.report(), default=str))
                 self._values = {}
                 for name, _ in PROPERTIES:
                     key, convert, default = SOURCES[name]
@@ -197,6 +203,7 @@ class AgentObject:
     LastDecision = property(lambda self: self.values()["LastDecision"])
     PolicyPath = property(lambda self: self.values()["PolicyPath"])
     DryRun = property(lambda self: self.values()["DryRun"])
+    Report = property(lambda self: self.values()["Report"])
 
     # dispatch ------------------------------------------------------------------
 
@@ -419,6 +426,7 @@ class GLibLoop:
 
         self._loop = GLib.MainLoop()
         self._signal_sources: List[int] = []
+        self._readers: Dict[int, int] = {}   # fd -> source id
         self.on_error: Callable[[BaseException], None] = print_exception
         self._timers = Timers()
         self.call_later = self._timers.call_later
@@ -442,6 +450,17 @@ class GLibLoop:
         self._signal_sources.append(source)
         return source
 
+    def on_readable(self, fd: int, callback: Callable[[], None]) -> None:
+        def handler(_fd: int, _condition: Any) -> bool:
+            self._call(callback)
+            return True
+        self._readers[fd] = GLib.unix_fd_add_full(GLib.PRIORITY_DEFAULT, fd, GLib.IOCondition.IN, handler)
+
+    def remove_readable(self, fd: int) -> None:
+        source_id = self._readers.pop(fd, None)
+        if source_id is not None:
+            _destroy_source(source_id)
+
     def run(self) -> None:
         self._loop.run()
 
@@ -449,15 +468,21 @@ class GLibLoop:
         self._loop.quit()
 
     def close(self) -> None:
-        """Detach the timers and give the signals back: GLib restores a signal's
-        default action once no source watches it."""
+        """Detach the timers and fd watches and give the signals back: GLib restores
+        a signal's default action once no source watches it."""
         if not self._source.is_destroyed():
             self._source.destroy()
-        for source_id in self._signal_sources:
-            source = GLib.MainContext.default().find_source_by_id(source_id)
-            if source is not None and not source.is_destroyed():
-                source.destroy()
+        for source_id in self._signal_sources + list(self._readers.values()):
+            _destroy_source(source_id)
         self._signal_sources.clear()
+        self._readers.clear()
+
+
+def _destroy_source(source_id: int) -> None:
+    # Removing a source that is already gone would be a GLib-CRITICAL warning on stderr.
+    source = GLib.MainContext.default().find_source_by_id(source_id)
+    if source is not None and not source.is_destroyed():
+        source.destroy()
 
 
 # ------------------------------------------------------------------ the client side
@@ -488,4 +513,17 @@ def query_daemon(timeout_ms: int = CALL_TIMEOUT_MS) -> Optional[Dict[str, Any]]:
         "last_decision": props.get("LastDecision", ""),
         "policy_path": props.get("PolicyPath", ""),
         "dry_run": props.get("DryRun", False),
+        "report": props.get("Report", ""),
     }
+
+
+def query_report(timeout_ms: int = CALL_TIMEOUT_MS) -> Optional[Dict[str, Any]]:
+    """The running agent's report (Agent.report) over the system bus, or None."""
+    snapshot = query_daemon(timeout_ms)
+    if snapshot is None or not snapshot["report"]:
+        return None
+    try:
+        report = json.loads(snapshot["report"])
+    except ValueError:
+        return None
+    return report if isinstance(report, dict) and "owned" in report else None

@@ -10,7 +10,7 @@ explains each one. Priorities follow syslog: 3 err (a failure), 4 warning
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
 ERR, WARNING, NOTICE, INFO = 3, 4, 5, 6
 
@@ -20,6 +20,10 @@ class EventKind:
     message_id: str
     priority: int
     template: str  # str.format over the event's fields
+    # An action's events: the verb done and dry-run ("raised", "would raise"), and the
+    # journal fields its generic old/new become (CT_MAX_OLD, CT_MAX_NEW).
+    verbs: Optional[Tuple[str, str]] = None
+    old_new: Optional[Tuple[str, str]] = None
 
 
 EVENTS: Dict[str, EventKind] = {
@@ -33,20 +37,6 @@ EVENTS: Dict[str, EventKind] = {
                                        "conntrack is not available in {netns_label} ({error}); waiting for it"),
     "conntrack_available": EventKind("ec635b456d8e4904972667559ac333e5", INFO,
                                      "conntrack is available in {netns_label}: {count}/{max} entries"),
-    "raise_max": EventKind("5c4a891b4b874fd1ad5a285521dab566", INFO,
-                           "{verb} nf_conntrack_max from {old} to {new}: {reason}"),
-    "restore_max": EventKind("0e312ff4c36e472cae1acf66c797d837", INFO,
-                             "{verb} nf_conntrack_max from {old} back to its original {new}: {reason}"),
-    "max_at_ceiling": EventKind("db5ce1d24afd4b1fb34c74aa64c4df8b", WARNING,
-                                "cannot raise nf_conntrack_max any further: {reason}"),
-    "resize_buckets": EventKind("8b1aa553e229400e90d353f5371a7bcc", INFO,
-                                "{verb} nf_conntrack_buckets from {old} to {new}: {reason}"),
-    "set_timeouts": EventKind("d11e3d047acb4be6bfa77e2dea8ca0c1", INFO,
-                              "{verb} shortened conntrack timeouts in {netns_label} ({changes}): {reason}"),
-    "restore_timeouts": EventKind("3bb9e87f21bd401b99db5563d8b51b67", INFO,
-                                  "{verb} restored conntrack timeouts in {netns_label} ({changes}): {reason}"),
-    "evict": EventKind("9c743e74da0146fc88a1bcdaa52cb982", INFO,
-                       "{verb} {done} conntrack entries in {netns_label} ({summary}): {reason}"),
     "external_change": EventKind("f9f55b228d084a2ba957a694f9812959", WARNING, "{reason}"),
     "action_failed": EventKind("a6b5593f0eae4f34acad78e2091870e3", ERR,
                                "{action} failed: {error}; {consequence}"),
@@ -60,6 +50,27 @@ EVENTS: Dict[str, EventKind] = {
     "dbus_method_failed": EventKind("84ca770e7c394a2ea7fc4f5b9ea92f0b", ERR, "{detail}"),
     "tick_failed": EventKind("ef968714a2b74c7cb36fe0c08a15b3d1", ERR,
                              "tick failed: {error}; the agent tries again in {retry}s"),
+    "namespace_gone": EventKind("c3f1e0a2b7d94e5f8a6c1d2e3f4a5b69", WARNING,
+                                "{netns_label} is gone; dropping what the agent recorded there ({changes}): "
+                                "its values went with it"),
+    "namespace_missing": EventKind("0b6e2d4f8a1c4e3b9d7f5a2c6e8b1d43", WARNING,
+                                   "cannot enter {netns_label} to restore {changes}: {error}; the agent tries again "
+                                   "and drops the records if it stays gone for {grace}s"),
+    "journal_damaged": EventKind("e5a7c9b1d3f54a6c8e0b2d4f6a8c0e17", ERR,
+                                 "state file {path} could not be used in full: {problems}; {consequence}"),
+    "change_adopted": EventKind("7d2e9a4c1b6f4e08a3c5d7e9f1b3a5c7", INFO, "{reason} (in {netns_label})"),
+    "report_unavailable": EventKind("5b9d1f3e7a2c4b6d8e0f2a4c6b8d0e13", WARNING,
+                                    "cannot write the runtime report {path} ({error}); `plan` and `status` "
+                                    "without D-Bus will show the state file only"),
+    "metrics_unavailable": EventKind("a1c3e5f7092b4d6f8a0c2e4b6d8f1a35", WARNING,
+                                     "cannot write the metrics textfile {path} ({error}); the agent works on "
+                                     "without it and says so once"),
+    "baseline_applied": EventKind("2d4f6a8c0e1b4a3c5e7d9f1b3c5a7e92", INFO,
+                                  "{verb}baseline applied in {netns_label}: {changes}{detail}",
+                                  verbs=("", "would have ")),
+    "policy_watched": EventKind("6e8a0c2e4b6d4f8a9c1e3a5c7e9b1d24", INFO,
+                                "reloading by itself when the policy changes in {directories} "
+                                "(agent.watch_policy)"),
     "restore_skipped": EventKind("77c1d2a9e5b04f3c8a6d9e2f1b0c4a57", WARNING,
                                  "not restoring {name} in {netns_label}: {reason}"),
     "reload_failed": EventKind("ddc94c70b5a745078fe0e2ff665e9234", ERR,
@@ -70,9 +81,9 @@ EVENTS: Dict[str, EventKind] = {
                                 "internal error in the main loop: {error}; the agent carries on"),
 }
 
-# Dry-run events are the same kinds at notice priority with a "would" verb.
-PAST = {"raise_max": "raised", "restore_max": "restored", "resize_buckets": "resized",
-        "set_timeouts": "", "restore_timeouts": "", "evict": "evicted"}
+def register(name: str, kind: EventKind) -> None:
+    """An action module's own event kinds (actions/*.py) join the registry."""
+    EVENTS[name] = kind
 
 
 def priority_of(kind: str, dry_run: bool = False) -> int:
@@ -80,11 +91,16 @@ def priority_of(kind: str, dry_run: bool = False) -> int:
     return NOTICE if dry_run and base == INFO else base
 
 
+def has_verb(kind: str) -> bool:
+    return kind in EVENTS and EVENTS[kind].verbs is not None
+
+
 def verb(kind: str, dry_run: bool) -> str:
-    if dry_run:
-        return {"set_timeouts": "would have", "restore_timeouts": "would have"}.get(kind, "would " + {
-            "raise_max": "raise", "restore_max": "restore", "resize_buckets": "resize", "evict": "evict"}.get(kind, kind))
-    return PAST.get(kind, "")
+    """Dry-run events are the same kinds at notice priority with a "would" verb."""
+    known = EVENTS.get(kind)
+    if known is None or known.verbs is None:
+        return "would " + kind if dry_run else ""
+    return known.verbs[1] if dry_run else known.verbs[0]
 
 
 def message(kind: str, fields: Dict[str, object]) -> str:
@@ -94,3 +110,8 @@ def message(kind: str, fields: Dict[str, object]) -> str:
             return "?"
     text = EVENTS[kind].template.format_map(_Lenient(fields)) if kind in EVENTS else kind
     return " ".join(text.split())
+
+
+# The action modules register their own event kinds; importing them here means
+# whoever reads EVENTS sees every kind.
+from . import actions  # noqa: E402,F401

@@ -1,11 +1,12 @@
 """Eviction engine: remove or age out stale conntrack entries, fast and safely.
 
 selection -> plan -> act -> report. The engine receives an ``EvictSpec``
-(the policy layer maps TOML to it) and a CtnetlinkSocket opened in the
+(evictspec.py: the selectors, defined once for the policy, the engine and the
+command line) and a CtnetlinkSocket opened in the
 namespace to sweep; it returns an ``EvictReport`` and leaves logging to the
 caller.
 
-Two paths (measurements in ../shared/FACTS.md and bench/results/evict.md):
+Two paths (measurements in bench/results/evict.md):
 
 - kernel-side: one IPCTNL_MSG_CT_DELETE carrying a filter and no tuple; the
   kernel walks the table and deletes what matches (~1.2M entries/s). Only
@@ -39,127 +40,34 @@ from conntrack_agent.ctnetlink import (
     IPS_ASSURED,
     IPS_OFFLOAD,
     IPS_SEEN_REPLY,
-    PROTO_NAMES,
-    PROTO_NUMBERS,
     TCP_ESTABLISHED,
-    TCP_STATES,
     CtEntry,
     CtnetlinkError,
     CtnetlinkSocket,
     TupleFilter,
 )
+from conntrack_agent.evictspec import PROTO_NAMES, TCP_STATES, EvictSpec
 
 __all__ = ["EvictSpec", "EvictReport", "EvictPlan", "plan", "evict", "compile_matcher"]
 
-MODES = ("delete", "age")
-STATUSES = ("any", "unreplied", "not_assured", "assured")
 BATCH = 256
 # Kernel-side flush speed used to check a time budget before choosing it
-# (FACTS: ~1.2-1.3M entries/s; each request walks the table once).
+# (measured ~1.2-1.3M entries/s on kernel 6.18; each request walks the table once).
 KERNEL_WALK_RATE = 1.0e6
 # More requests than this and one userspace sweep is cheaper than N walks.
 MAX_KERNEL_REQUESTS = 4
 _PORT_PROTOS = (6, 17)  # the only protocols whose ports the kernel's tuple filter compares
 
 
-@dataclass(frozen=True)
-class EvictSpec:
-    """What to evict and how far to go. Validated on construction (ValueError).
-
-    ``protocols``/``tcp_states`` are names (``"tcp"``, ``"TIME_WAIT"``);
-    ``tcp_states`` constrains TCP entries and, alone, implies tcp. ``src``
-    and ``dst`` are addresses or CIDRs of the original direction; ports
-    likewise. ``timeout_below`` selects entries whose remaining timeout is
-    under that many seconds. ``budget_entries``/``budget_time`` bound one
-    sweep (0 disables a bound); ``target_usage`` (count/max, 0-1) stops a
-    sweep once reached. ``age_timeout`` is the timeout, in seconds, that
-    ``mode="age"`` gives the selected entries.
-    """
-
-    mode: str = "delete"
-    age_timeout: float = 10.0
-    protocols: Tuple[str, ...] = ()
-    tcp_states: Tuple[str, ...] = ()
-    status: str = "any"
-    mark: Optional[int] = None
-    mark_mask: int = 0xFFFFFFFF
-    zone: Optional[int] = None
-    src: Optional[str] = None
-    dst: Optional[str] = None
-    sport: Optional[int] = None
-    dport: Optional[int] = None
-    timeout_below: Optional[float] = None
-    include_established: bool = False
-    budget_entries: int = 50_000
-    budget_time: float = 0.5
-    target_usage: Optional[float] = None
-
-    def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> ValueError:
-            return ValueError("evict.%s: %s (got %r)" % (name, why, getattr(self, name)))
-
-        if self.mode not in MODES:
-            raise bad("mode", "expected one of " + ", ".join(MODES))
-        if self.status not in STATUSES:
-            raise bad("status", "expected one of " + ", ".join(STATUSES))
-        if isinstance(self.protocols, str) or isinstance(self.tcp_states, str):
-            raise ValueError("evict.protocols / tcp_states: expected a tuple of names")
-        object.__setattr__(self, "protocols", tuple(p.lower() for p in self.protocols))
-        object.__setattr__(self, "tcp_states", tuple(s.upper() for s in self.tcp_states))
-        for p in self.protocols:
-            if p not in PROTO_NUMBERS:
-                raise bad("protocols", "unknown protocol %r; known: %s"
-                          % (p, ", ".join(sorted(PROTO_NUMBERS))))
-        for s in self.tcp_states:
-            if s not in TCP_STATES:
-                raise bad("tcp_states", "unknown TCP state %r; known: %s" % (s, ", ".join(TCP_STATES)))
-        if self.tcp_states and self.protocols and "tcp" not in self.protocols:
-            raise bad("tcp_states", "TCP states given but tcp is not among the protocols")
-        for name in ("mark", "mark_mask"):
-            v = getattr(self, name)
-            if v is not None and not (isinstance(v, int) and 0 <= v <= 0xFFFFFFFF):
-                raise bad(name, "expected an integer 0..0xffffffff")
-        if self.mark_mask == 0:
-            raise bad("mark_mask", "a zero mask matches everything; leave mark unset instead")
-        if self.zone is not None and not (isinstance(self.zone, int) and 0 <= self.zone <= 0xFFFF):
-            raise bad("zone", "expected an integer 0..65535")
-        for name in ("sport", "dport"):
-            v = getattr(self, name)
-            if v is not None and not (isinstance(v, int) and 0 <= v <= 0xFFFF):
-                raise bad(name, "expected a port 0..65535")
-        for name in ("src", "dst"):
-            v = getattr(self, name)
-            if v is not None:
-                try:
-                    _net(v)
-                except ValueError:
-                    raise bad(name, "expected an address or CIDR") from None
-        if self.src and self.dst and _net(self.src).version != _net(self.dst).version:
-            raise ValueError("evict.src/dst: mixed IPv4 and IPv6 select nothing")
-        if not (0 <= self.age_timeout <= 0x7FFFFFFF):
-            raise bad("age_timeout", "expected seconds >= 0")
-        if self.timeout_below is not None and self.timeout_below <= 0:
-            raise bad("timeout_below", "expected seconds > 0")
-        if not isinstance(self.budget_entries, int) or self.budget_entries < 0:
-            raise bad("budget_entries", "expected an integer >= 0 (0: unbounded)")
-        if self.budget_time < 0:
-            raise bad("budget_time", "expected seconds >= 0 (0: unbounded)")
-        if self.target_usage is not None and not (0 < self.target_usage <= 1):
-            raise bad("target_usage", "expected a ratio in (0, 1]")
-
-    def effective_protocols(self) -> Tuple[int, ...]:
-        names = self.protocols or (("tcp",) if self.tcp_states else ())
-        return tuple(sorted({PROTO_NUMBERS[p] for p in names}))
-
-    def status_filter(self) -> Tuple[int, int]:
-        """(value, mask) on ct->status; offloaded entries are always excluded."""
-        val, mask = {
-            "any": (0, 0),
-            "unreplied": (0, IPS_SEEN_REPLY),
-            "not_assured": (0, IPS_ASSURED),
-            "assured": (IPS_ASSURED, IPS_ASSURED),
-        }[self.status]
-        return val, mask | IPS_OFFLOAD
+def status_filter(spec: EvictSpec) -> Tuple[int, int]:
+    """(value, mask) on ct->status for spec.status; offloaded entries are always excluded."""
+    val, mask = {
+        "any": (0, 0),
+        "unreplied": (0, IPS_SEEN_REPLY),
+        "not_assured": (0, IPS_ASSURED),
+        "assured": (IPS_ASSURED, IPS_ASSURED),
+    }[spec.status]
+    return val, mask | IPS_OFFLOAD
 
 
 def _net(text: str):
@@ -176,7 +84,7 @@ def compile_matcher(spec: EvictSpec) -> Callable[[CtEntry], bool]:
     """The userspace predicate for ``spec``, with everything precomputed."""
     protos = frozenset(spec.effective_protocols()) or None
     states = frozenset(TCP_STATES.index(s) for s in spec.tcp_states) or None
-    sval, smask = spec.status_filter()
+    sval, smask = status_filter(spec)
     mval = None if spec.mark is None else spec.mark & spec.mark_mask
     mmask = spec.mark_mask
     zone = spec.zone
@@ -274,7 +182,7 @@ def _kernel_requests(spec: EvictSpec, features: frozenset) -> Tuple[Optional[Lis
     if missing:
         return None, "this kernel lacks filtered delete by " + ", ".join(sorted(missing))
 
-    sval, smask = spec.status_filter()
+    sval, smask = status_filter(spec)
     base: Dict[str, Any] = {"status": sval, "status_mask": smask}
     if spec.mark is not None:
         base.update(mark=spec.mark, mark_mask=spec.mark_mask)
@@ -301,7 +209,7 @@ def _dump_requests(spec: EvictSpec, features: frozenset) -> Tuple[Dict[str, Any]
     if spec.mark is not None:
         base.update(mark=spec.mark, mark_mask=spec.mark_mask)
     if "status" in features:
-        sval, smask = spec.status_filter()
+        sval, smask = status_filter(spec)
         base.update(status=sval, status_mask=smask)
     protos = spec.effective_protocols()
     if "dump_tuple" not in features or len(protos) > 1:

@@ -60,13 +60,6 @@ FIELDS = {
     "errno": "ERRNO",               # journald's own field for an errno number
 }
 
-# Decisions carry a generic old/new; what they are depends on the kind.
-OLD_NEW = {
-    "raise_max": ("CT_MAX_OLD", "CT_MAX_NEW"),
-    "restore_max": ("CT_MAX_OLD", "CT_MAX_NEW"),
-    "resize_buckets": ("CT_BUCKETS_OLD", "CT_BUCKETS_NEW"),
-}
-
 # Keys that are not fields of their own: structlog's bookkeeping, timestamps
 # (journald stamps each entry itself), and what logsetup.emit precomputed
 # (message, priority, message_id) and this module sends as MESSAGE, PRIORITY
@@ -169,14 +162,15 @@ def entry_fields(method_name: str, event_dict: Mapping[str, Any]) -> Fields:
     fields: Fields = [("MESSAGE", text), ("PRIORITY", str(priority)), ("SYSLOG_IDENTIFIER", IDENTIFIER)]
     if known is not None:
         fields += [("MESSAGE_ID", known.message_id), ("EVENT", kind)]
-        if kind in events.PAST and "action" not in event_dict:
+        if events.has_verb(kind) and "action" not in event_dict:
             fields.append(("ACTION", kind))
     exception = event_dict.get("exception") or format_exc_info(event_dict.get("exc_info"))
     if exception:
         fields.append(("EXCEPTION", str(exception)))
 
     seen = {name for name, _ in fields}
-    old_new = OLD_NEW.get(kind, ("OLD", "NEW"))
+    # Decisions carry a generic old/new; the action's registered event says what they are.
+    old_new = (known.old_new if known is not None else None) or ("OLD", "NEW")
     for key, value in event_dict.items():
         if key in _SKIP or key.startswith("_"):
             continue

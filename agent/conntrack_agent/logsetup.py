@@ -110,7 +110,7 @@ def get_logger() -> Any:
 def emit(log: Any, kind: str, dry_run: bool = False, **fields: Any) -> None:
     """Log one event of a kind listed in events.EVENTS."""
     fields["dry_run"] = dry_run
-    if kind in events.PAST:
+    if events.has_verb(kind):
         fields.setdefault("verb", events.verb(kind, dry_run))
     priority = events.priority_of(kind, dry_run)
     fields["message"] = events.message(kind, fields)

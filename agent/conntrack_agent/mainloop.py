@@ -17,8 +17,8 @@ The Supervisor owns everything between the agent and systemd:
   re-published when the bus comes back), its cached property values invalidated
   after every tick and reload.
 
-The loop itself is a small interface (call_later, cancel, every, on_signal, run,
-quit, close) with two backends: dbus_service.GLibLoop (the only gi importer, and
+The loop itself is a small interface (call_later, cancel, every, on_signal,
+on_readable, remove_readable, run, quit, close) with two backends: dbus_service.GLibLoop (the only gi importer, and
 the bus needs it) and SelectLoop below (select() on a self-pipe, no gi; the
 container image and --no-dbus). One thread either way: a D-Bus Reload, a SIGHUP
 and a tick never race, and nothing needs a lock.
@@ -44,6 +44,9 @@ RETRY_AFTER_ERROR = 1.0
 # Seconds between attempts to take the bus name: the bus may start after the
 # agent, or not yet have loaded the policy file a package just installed.
 PUBLISH_RETRY = (2.0, 5.0, 15.0, 60.0)
+# With agent.watch_policy, a change is reloaded this long after the first event: an
+# editor or the kubelet touches several files, and one reload of the result is enough.
+POLICY_SETTLE = 0.5
 
 # Exit statuses; the unit's RestartPreventExitStatus= names EXIT_CONFIG (cli.py
 # uses the same numbers). 78 is EX_CONFIG: something only the admin can fix (an
@@ -92,6 +95,9 @@ class Supervisor:
         self._tick_source: Optional[Any] = None
         self._publish_attempts = 0
         self._bus_missing = False
+        self._policy_watch: Optional[Any] = None
+        self._policy_reload: Optional[Any] = None
+        self._uevents: Optional[Any] = None
         loop.on_error = self._callback_failed
 
     # ------------------------------------------------------------------ life
@@ -124,6 +130,8 @@ class Supervisor:
             return status
         if self.bus is not None:
             self._publish()
+        self._watch_policy()
+        self._watch_uevents()
         self.notifier.status(self._status_line())
         self.notifier.ready()
         watchdog = self.notifier.watchdog_interval()
@@ -136,6 +144,10 @@ class Supervisor:
             if self.published is not None:
                 self.published.close()
                 self.published = None
+            for watch in (self._policy_watch, self._uevents):
+                if watch is not None:
+                    self.loop.remove_readable(watch.fileno())
+                    watch.close()
         self.agent.stop(self.stopped_by or "main loop ended")
         return EXIT_OK
 
@@ -169,6 +181,7 @@ class Supervisor:
             self.loop.call_later(delay, self._publish)
             return
         self._publish_attempts = 0
+        self.agent.report_to_file = False   # the bus serves the report; no file rewrites needed
         if self._bus_missing:
             self._bus_missing = False
             _log(self.agent.log, "dbus_available", f"D-Bus API offered as {self.bus.BUS_NAME}")
@@ -178,6 +191,7 @@ class Supervisor:
             return
         self.published = None
         self._bus_missing = True
+        self.agent.report_to_file = True
         _log(self.agent.log, "dbus_unavailable",
              "the system bus connection closed; the agent works without the D-Bus API until it is back",
              error="connection closed")
@@ -215,8 +229,72 @@ class Supervisor:
                 self.notifier.status(self.agent.status_line())
         finally:
             self._agent_changed()
+            self._watch_uevents()
         self.failing_since = None
         return delay
+
+    # ------------------------------------------------------------------ file and kernel events
+
+    def _watch_policy(self) -> None:
+        """agent.watch_policy: the policy's directories under inotify (a ConfigMap's
+        `..data` swap included); a change reloads as SIGHUP does."""
+        want = bool(self.agent.policy.agent.watch_policy)
+        if want and self._policy_watch is None:
+            from . import policywatch
+            try:
+                self._policy_watch = policywatch.PolicyWatcher(self.agent.policy_directories())
+            except OSError as exc:
+                _log(self.agent.log, "internal_error", error=f"cannot watch the policy files: {exc}")
+                return
+            self.loop.on_readable(self._policy_watch.fileno(), self._policy_changed)
+            _log(self.agent.log, "policy_watched", directories=", ".join(self._policy_watch.directories))
+        elif not want and self._policy_watch is not None:
+            self.loop.remove_readable(self._policy_watch.fileno())
+            self._policy_watch.close()
+            self._policy_watch = None
+
+    def _policy_changed(self) -> None:
+        if self._policy_watch.changed() and self._policy_reload is None:
+            # A writer (an editor, the kubelet) may touch several files: reload once they settle.
+            self._policy_reload = self.loop.call_later(POLICY_SETTLE, self._reload_changed_policy)
+
+    def _reload_changed_policy(self) -> None:
+        self._policy_reload = None
+        if self.stopped_by is None:
+            self.reload()
+
+    def _watch_uevents(self) -> None:
+        """While nf_conntrack is missing somewhere, listen for the kernel's uevents: the
+        module's load is then answered at once (and the baseline applied), not at the
+        next reprobe. Closed again once everything is open (uevents are frequent on
+        some nodes, and each would wake the agent)."""
+        missing = bool(getattr(self.agent.sampler, "unavailable", None))
+        if missing and self._uevents is None:
+            from . import uevent
+            try:
+                self._uevents = uevent.UeventListener()
+            except OSError:
+                return   # the 5 s reprobe still finds the module
+            self.loop.on_readable(self._uevents.fileno(), self._uevent_ready)
+        elif not missing and self._uevents is not None:
+            self.loop.remove_readable(self._uevents.fileno())
+            self._uevents.close()
+            self._uevents = None
+
+    def _uevent_ready(self) -> None:
+        from . import uevent
+        if self._uevents is None:
+            return
+        try:
+            events = self._uevents.read_events()
+        except (OSError, uevent.UeventError):
+            return
+        if any(uevent.is_conntrack_load(e) for e in events):
+            try:
+                self.agent.probe_now()
+            finally:
+                self._agent_changed()
+                self._watch_uevents()
 
     def _tick_failed(self, exc: BaseException) -> None:
         if self.failing_since is None:
@@ -248,6 +326,7 @@ class Supervisor:
             _log(self.agent.log, "reload_failed", error=f"{type(exc).__name__}: {exc}", policy=policy,
                  exc_info=exc)
         self._agent_changed()
+        self._watch_policy()
         self.notifier.status(self._status_line())
         self.notifier.ready()
         return ok
@@ -367,6 +446,7 @@ class SelectLoop:
         self.every = self._timers.every
         self.cancel = self._timers.cancel
         self._handlers: Dict[int, Callable[[int], None]] = {}
+        self._readers: Dict[int, Callable[[], None]] = {}
         self._previous: Dict[int, Any] = {}
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._old_wakeup: Optional[int] = None
@@ -379,16 +459,25 @@ class SelectLoop:
         previous = signal.signal(signum, _wake_only)
         self._previous.setdefault(signum, previous)
 
+    def on_readable(self, fd: int, callback: Callable[[], None]) -> None:
+        self._readers[fd] = callback
+
+    def remove_readable(self, fd: int) -> None:
+        self._readers.pop(fd, None)
+
     def run(self) -> None:
         self._running = True
         while self._running:
             due = self._timers.next_due()
             timeout = None if due is None else max(0.0, due - self._timers.clock())
             try:
-                readable, _, _ = select.select([self._wake_r], [], [], timeout)
+                readable, _, _ = select.select([self._wake_r, *self._readers], [], [], timeout)
             except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for safety
                 readable = []
-            if readable:
+            for fd in readable:
+                if fd != self._wake_r and fd in self._readers:
+                    self._call(self._readers[fd])
+            if self._wake_r in readable:
                 for signum in self._drain():
                     handler = self._handlers.get(signum)
                     if handler is not None:

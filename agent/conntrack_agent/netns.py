@@ -38,6 +38,10 @@ def _setns(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def exists(name: str) -> bool:
+    """Whether a namespace can be entered by this name ("" = ours, always)."""
+    return not name or os.path.exists(os.path.join(NETNS_DIR, name))
+
 
 @contextlib.contextmanager
 def entered(name: str) -> Iterator[None]:

@@ -15,12 +15,6 @@ from typing import Dict, Optional
 SYSCTL_DIR = "/proc/sys/net/netfilter"
 STAT_FILE = "/proc/net/stat/nf_conntrack"
 
-# A write refused for one of these reasons will keep being refused: the agent
-# logs it once and stops trying that action (containers: EACCES/EROFS; a global
-# sysctl written from outside the initial namespace: EOPNOTSUPP or EACCES).
-PERMANENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.EOPNOTSUPP, errno.ENOENT}
-
-
 class ConntrackMissing(OSError):
     """nf_conntrack is not loaded (no sysctls): wait for it, never modprobe."""
 
@@ -69,10 +63,6 @@ def write_sysctl(name: str, value: int) -> None:
         os.write(fd, b"%d\n" % value)
     finally:
         os.close(fd)
-
-
-def is_permanent(error: OSError) -> bool:
-    return error.errno in PERMANENT_ERRNOS
 
 
 # /proc/net/stat/nf_conntrack column -> the counter names used everywhere else

@@ -9,14 +9,16 @@ storm of writes.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import replace
 from typing import Any, Callable, Dict, List, Optional
 
-from . import __version__, config, decisions, logsetup, model, netns, procfs
-from .executor import GLOBAL, Executor, netns_label, sample_fields
-from .sampler import Sampler
+from . import __version__, actions, config, decisions, logsetup, metrics, model
+from .executor import Executor, netns_label, owned_records, sample_fields
 from .journal import ChangeJournal
+from .kernel import Kernel
+from .sampler import Sampler
 
 # While nothing can be read (nf_conntrack not loaded, namespace missing), look again
 # this often: loading the module is an operator's act, not an emergency.
@@ -25,19 +27,40 @@ REPROBE_INTERVAL = 5.0
 PRESSURE_HOLD = 5.0
 # Seconds between STATUS= updates to systemd when nothing was done.
 STATUS_INTERVAL = 1.0
+# Rewriting a small file costs ~300 µs here (ext4 on a virtio disk, open + write +
+# rename, measured with /usr/bin/python3), against ~700 µs a second for the whole
+# idle agent. So the metrics textfile is rewritten every METRICS_CALM_INTERVAL when
+# calm (Prometheus' default scrape interval: a scrape never sees older data than
+# one interval more), every second under pressure, and at once after an action; the
+# runtime report every REPORT_INTERVAL, and only while no D-Bus API serves it.
+METRICS_CALM_INTERVAL = 15.0
+METRICS_BUSY_INTERVAL = 1.0
+REPORT_INTERVAL = 5.0
+# A namespace holding changes the agent recorded that cannot be entered for this long
+# is gone for good: its sysctls went with it, so its records are dropped. Shorter
+# absences (a namespace being re-created, a slow mount) keep them.
+NAMESPACE_GONE_AFTER = 60.0
 
 
 class Agent:
     def __init__(self, policy_path: Optional[str], dry_run: bool, log: Any,
-                 clock: Callable[[], float] = time.monotonic, initial: Optional[config.Policy] = None):
+                 clock: Callable[[], float] = time.monotonic, initial: Optional[config.Policy] = None,
+                 kernel: Optional[Kernel] = None, report_path: Optional[str] = None, read_only: bool = False):
         """`initial`: an already validated policy; otherwise the files are read
-        (raises config.PolicyError). Reloads always read the files."""
+        (raises config.PolicyError). Reloads always read the files. `kernel`: the
+        seam to the kernel (LinuxKernel unless a test hands in a fake). `report_path`:
+        where the runtime report goes (None: nowhere). `read_only`: the CLI's view
+        (plan, status): the state file is read, never moved, settled or written."""
         self.policy_path = policy_path
         self.force_dry_run = dry_run
         self.log = log
         self.clock = clock
+        if kernel is None:
+            from .kernel import LinuxKernel
+            kernel = LinuxKernel()
+        self.kernel = kernel
         self.policy = self._with_dry_run(initial) if initial is not None else self._read_policy()
-        self.core = decisions.Memory()
+        self.memory = decisions.Memory()
         self.sampler: Optional[Sampler] = None
         self.last_sample: Optional[model.Sample] = None
         self.last_decision: Optional[decisions.Decision] = None
@@ -47,6 +70,20 @@ class Agent:
         self._under_pressure = False
         self._calm_since: Optional[float] = None
         self._status_sent_at: Optional[float] = None
+        self._missing_since: Dict[str, float] = {}   # namespace -> first failed entry (records there)
+        self._report_path = report_path
+        self.read_only = read_only
+        self.counters = metrics.Counters()
+        self._metrics_failed: Optional[str] = None
+        self._metrics_at: Optional[float] = None
+        self._report_at: Optional[float] = None
+        self._published_action: Optional[float] = None
+        # The supervisor turns this off while the D-Bus API serves the report itself.
+        self.report_to_file = True
+        self._metrics_server: Any = None
+        self._metrics_latest = ""
+        self._listening = ""
+        self.last_tick_at: Optional[float] = None     # wall clock of the last tick that finished
 
     # ------------------------------------------------------------------ set-up
 
@@ -58,31 +95,59 @@ class Agent:
             loaded = replace(loaded, agent=replace(loaded.agent, dry_run=True))
         return loaded
 
+    def policy_directories(self) -> List[str]:
+        """Where the policy comes from: the directories a policy watcher watches."""
+        from . import policywatch
+
+        if self.policy_path:
+            return policywatch.directories_of([self.policy_path])
+        return policywatch.directories_of([os.path.join(config.ETC_DIR, config.MAIN_NAME),
+                                           os.path.join(config.VENDOR_DIR, config.MAIN_NAME)])
+
     @property
     def policy_label(self) -> str:
         return ", ".join(self.policy.sources) or "built-in defaults"
 
     def start(self) -> Optional[model.Sample]:
-        self.state = ChangeJournal(self.policy.agent.state_file).load()
-        entry_bytes = procfs.slab_object_size() or model.DEFAULT_ENTRY_BYTES
-        self.env = decisions.Environment(mem_total=procfs.mem_total(), entry_bytes=entry_bytes)
+        self.journal = self._open_journal()
+        entry_bytes = self.kernel.entry_bytes() or model.DEFAULT_ENTRY_BYTES
+        self.env = decisions.Environment(mem_total=self.kernel.mem_total(), entry_bytes=entry_bytes,
+                                         namespaces=self.policy.agent.namespaces or ("",))
         self._open_sampler()
-        self.executor = Executor(self.log, self.state, self.policy.agent.namespaces, _evict_runner(self))
+        self.executor = Executor(self.log, self.journal, self.kernel, self.current_usage, self.counters.event)
         logsetup.emit(self.log, "agent_started", self.policy.agent.dry_run, version=__version__,
                       namespaces=", ".join(netns_label(n) for n in self.sampler.namespaces),
                       policy=self.policy_label, rules="; ".join(config.describe(self.policy)))
         self._probe()
-        self._recover_ownership()
+        if not self.read_only:
+            self._recover_ownership()
         sample = self.sampler.sample()
         self.last_sample = sample
         return sample
 
+    def _open_journal(self) -> ChangeJournal:
+        """The change journal. A damaged file never stops the agent: what can be read is
+        kept, the file is moved aside, and the loss is logged at err."""
+        journal = ChangeJournal(self.policy.agent.state_file)
+        report = journal.load(quarantine=not self.read_only)
+        if report.problems and not self.read_only:
+            where = f"moved aside to {report.quarantined}" if report.quarantined else "left in place"
+            lost = "; ".join(report.dropped) or "nothing recoverable"
+            logsetup.emit(self.log, "journal_damaged", path=journal.path, problems="; ".join(report.problems[:5]),
+                          quarantined=report.quarantined, dropped=report.dropped,
+                          consequence=f"the file was {where}; records lost: {lost}; `conntrack-agent restore` "
+                                      "cannot put those values back")
+        return journal
+
     def _open_sampler(self) -> None:
         if self.sampler is not None:
             self.sampler.close()
-        self.sampler = Sampler(self.policy.agent.namespaces, self.policy.agent.fill_rate_window, self.clock)
+        self.sampler = Sampler(self.policy.agent.namespaces, self.policy.agent.fill_rate_window, self.clock,
+                               kernel=self.kernel)
 
     def _probe(self) -> None:
+        """Open what is not open yet (a module loaded, a namespace appeared), and bring
+        what opened to the baseline."""
         opened, failed = self.sampler.open_missing()
         for name, why in failed.items():
             logsetup.emit(self.log, "conntrack_unavailable", netns=name, netns_label=netns_label(name), error=why)
@@ -93,32 +158,111 @@ class Agent:
                           count=reading.count, max=reading.max, buckets=reading.buckets, source=probe.source,
                           fallback_reason=probe.fallback_reason)
         self._next_probe = self.clock() + REPROBE_INTERVAL
+        if opened:
+            self.apply_baseline(opened)
+
+    def probe_now(self) -> None:
+        """nf_conntrack was just loaded (a kernel uevent): no need to wait for the reprobe."""
+        if self.sampler.unavailable:
+            self._probe()
+
+    def apply_baseline(self, namespaces: List[str]) -> None:
+        """The admin's [baseline] in each given namespace (max and buckets once, from the
+        agent's own namespace). Not recorded: baseline values are not the agent's."""
+        from . import baseline
+
+        spec = self.policy.baseline
+        if spec.empty:
+            return
+        values = baseline.wanted(spec, self._sysctl_d_values() if spec.from_sysctl_d else None)
+        owned = {(c.netns, c.name) for c in self.journal.entries()}
+        for name in namespaces:
+            current = {}
+            for sysctl in values:
+                try:
+                    current[sysctl] = self.kernel.read_sysctl(name, sysctl)
+                except OSError:
+                    continue   # a sysctl this kernel or namespace lacks: nothing to bring up
+            mine = frozenset(s for (ns, s) in owned if ns == name or s in baseline.GLOBALS)
+            writes = baseline.plan(values, current, mine, global_scope=(name == ""))
+            done, failed = [], []
+            for write in writes:
+                if self.policy.agent.dry_run:
+                    done.append(write)
+                    continue
+                try:
+                    self.kernel.write_sysctl(name, write.name, write.value)
+                    done.append(write)
+                except OSError as exc:
+                    failed.append(f"{write.name}: {exc.strerror or exc}")
+            if done or failed:
+                changes = ", ".join(f"{w.name[len('nf_conntrack_'):]} {w.current}→{w.value} ({w.source})"
+                                    for w in done) or "nothing"
+                logsetup.emit(self.log, "baseline_applied", self.policy.agent.dry_run, netns=name,
+                              netns_label=netns_label(name), changes=changes,
+                              failed="; ".join(failed) or None,
+                              detail=("; could not write " + "; ".join(failed)) if failed else "")
+
+    def _sysctl_d_values(self) -> Dict[str, Any]:
+        """The net.netfilter.nf_conntrack_* lines of sysctl.d, in systemd-sysctl's order
+        ({sysctl: (value, "file:line")}); globs resolved against the sysctls present."""
+        from . import sysctld
+
+        settings = sysctld.read()
+        try:
+            present = ["net.netfilter." + n for n in self.kernel.sysctl_names("")]
+        except OSError:
+            present = []
+        values = {}
+        for key, assignment in settings.resolve(present).items():
+            name = key.rsplit(".", 1)[-1]
+            if name.startswith("nf_conntrack_") and name != "nf_conntrack_count":
+                values[name] = (assignment.value, f"{assignment.file}:{assignment.line}")
+        if settings.problems:
+            logsetup.emit(self.log, "baseline_applied", self.policy.agent.dry_run, netns="",
+                          netns_label="sysctl.d", changes="nothing",
+                          failed="; ".join(str(p) for p in settings.problems[:5]),
+                          detail="; sysctl.d problems: " + "; ".join(str(p) for p in settings.problems[:5]))
+        return values
 
     def _recover_ownership(self) -> None:
-        """After a restart: keep owning what is still the agent's value; forget what
-        a reboot or another writer replaced (and so has nothing to restore)."""
-        originals = {}
-        for change in self.state.entries():
+        """After a start: keep owning what is still the agent's value, settle writes a
+        kill interrupted, forget what a reboot or another writer replaced. Changes no
+        rule claims any more are left to the core, which restores them as orphans."""
+        for change in self.journal.entries():
             try:
-                with netns.entered(change.netns):
-                    current = procfs.read_sysctl(change.name)
-            except OSError:
-                continue
+                current = self.kernel.read_sysctl(change.netns, change.name)
+            except OSError as exc:
+                if self.kernel.is_missing(exc):
+                    self._missing_since.setdefault(change.netns, self.clock())
+                continue   # cannot tell now; the record stays for the core and for `restore`
+            if change.pending:
+                # Killed between the record and the write (or the confirmation).
+                if current == change.applied:
+                    self.journal.settle(change.netns, change.name, current)
+                elif current == change.original:
+                    self.journal.forget(change.netns, change.name)
+                    continue
             if current == change.applied:
-                if change.netns == GLOBAL and change.name == "nf_conntrack_max":
-                    self.core = replace(self.core, owned_max=current)
-                if change.name.startswith("nf_conntrack_") and "timeout" in change.name:
-                    rule_state = self.core.rule(change.rule)
-                    if rule_state.active_since is None:
-                        self.core = self.core.with_rule(change.rule, replace(rule_state, active_since=self.clock()))
-                originals[change.name] = change.original
-            else:
-                reason = ("it is back at its original (a reboot?)" if current == change.original
-                          else f"another writer set it to {current} since the agent set {change.applied}")
-                logsetup.emit(self.log, "restore_skipped", netns=change.netns, netns_label=netns_label(change.netns),
-                              name=change.name, reason=reason + "; forgetting the saved original")
-                self.state.forget(change.netns, change.name)
-        self.env = replace(self.env, originals={k: v for k, v in originals.items() if k == "nf_conntrack_max"})
+                self._claim(change)
+                continue
+            reason = ("it is back at its original (a reboot?)" if current == change.original
+                      else f"another writer set it to {current} since the agent set {change.applied}")
+            logsetup.emit(self.log, "restore_skipped", netns=change.netns, netns_label=netns_label(change.netns),
+                          name=change.name, reason=reason + "; forgetting the saved original")
+            self.journal.forget(change.netns, change.name)
+
+    def _claim(self, change: Any) -> None:
+        """A rule that still stands behind a kept timeout change has its episode back."""
+        if change.action != "set_timeouts":
+            return
+        for rule in self.policy.active_rules():
+            owned = decisions.Owned.of(change)
+            if actions.get(change.action).claims(rule, owned, self.env):
+                rule_memory = self.memory.rule(rule.name)
+                self.memory = self.memory.with_rule(rule.name, replace(
+                    rule_memory, covered=rule_memory.covered | {change.netns},
+                    active_since=rule_memory.active_since if rule_memory.active_since is not None else self.clock()))
 
     # ------------------------------------------------------------------ the tick
 
@@ -129,27 +273,27 @@ class Agent:
         if sample is None:
             self.last_sample = None
             return REPROBE_INTERVAL
-        decisions, core = decisions.decide(sample, self.policy, self.core, self.env)
-        if any(d.is_action for d in decisions):
+        owned = owned_records(self.journal)
+        found, memory = decisions.decide(sample, self.policy, self.memory, self.env, owned)
+        if any(d.is_action for d in found):
             # Act on a fresh reading, not one a few hundred microseconds old: decide again
-            # from the state before the first look (the first decision is discarded).
+            # from the memory before the first look (the first decision is discarded).
             fresh = self.sampler.sample(counters=True)
             if fresh is not None:
                 sample = fresh
-                decisions, core = decisions.decide(sample, self.policy, self.core, self.env)
-        self.core = core
+                found, memory = decisions.decide(sample, self.policy, self.memory, self.env, owned)
+        self.memory = memory
         self._note_pressure(sample, busy=decisions.under_pressure(sample, self.policy))
         # Under pressure (including its hold time) the fast tick runs: a bursty storm
         # has quiet gaps between bursts that must not send the agent back to sleep.
         interval = (self.policy.agent.fast_interval if self._under_pressure
-                    else decisions.next_interval(sample, self.policy, self.core))
-        for decision in decisions:
+                    else decisions.next_interval(sample, self.policy, self.memory))
+        for decision in found:
             outcome = self.executor.execute(decision, sample, self.policy)
-            self.core = decisions.after_outcome(self.core, decision, outcome.applied, outcome.lost_capability)
-            if decision.kind == "raise_max" and outcome.applied:
-                change = self.state.get(GLOBAL, "nf_conntrack_max")
-                if change is not None:
-                    self.env = replace(self.env, originals={"nf_conntrack_max": change.original})
+            self.memory = decisions.after_outcome(self.memory, decision, outcome, sample.time)
+            self.counters.after(decision, outcome)
+            if outcome.missing:
+                self._note_missing(outcome.missing, decision)
             if decision.kind in ("raise_max", "restore_max") and outcome.applied and decision.new:
                 sample = model.with_max(sample, decision.new)
             self.last_decision = decision
@@ -159,16 +303,48 @@ class Agent:
             for listener in self.decision_listeners:
                 listener(decision)
         self.last_sample = sample
+        self.last_tick_at = time.time()
         return interval
 
+    def _note_missing(self, missing: Any, decision: decisions.Decision) -> None:
+        """A namespace whose records could not be restored because it cannot be entered:
+        logged once, and its records dropped once it has been gone NAMESPACE_GONE_AFTER."""
+        now = self.clock()
+        for name in missing:
+            records = [c for c in self.journal.entries() if c.netns == name]
+            changes = ", ".join(c.name for c in records) or "nothing"
+            if name not in self._missing_since:
+                self._missing_since[name] = now
+                logsetup.emit(self.log, "namespace_missing", decision.dry_run, netns=name,
+                              netns_label=netns_label(name), changes=changes, grace=NAMESPACE_GONE_AFTER,
+                              error="no such namespace", rule=decision.rule)
+            elif now - self._missing_since[name] >= NAMESPACE_GONE_AFTER and not self.kernel.namespace_exists(name):
+                if not decision.dry_run:
+                    self.journal.forget_namespace(name)
+                del self._missing_since[name]
+                logsetup.emit(self.log, "namespace_gone", decision.dry_run, netns=name,
+                              netns_label=netns_label(name), changes=changes)
+
     def status_due(self) -> bool:
-        """Whether the one-line status is worth sending now: after an action, else once
-        per STATUS_INTERVAL (it changes every tick; systemd needs no more)."""
+        """Whether the one-line status (and the runtime report) is worth sending now: after
+        an action, else once per STATUS_INTERVAL (it changes every tick; systemd needs no more)."""
         now = self.clock()
         if self._status_sent_at is not None and now - self._status_sent_at < STATUS_INTERVAL:
             return False
         self._status_sent_at = now
+        self._publish(now)
         return True
+
+    def _publish(self, now: float) -> None:
+        fresh_action = self.last_action_at is not None and self.last_action_at != self._published_action
+        self._published_action = self.last_action_at
+        metrics_every = METRICS_BUSY_INTERVAL if self._under_pressure else METRICS_CALM_INTERVAL
+        if fresh_action or self._metrics_at is None or now - self._metrics_at >= metrics_every:
+            self._metrics_at = now
+            self.publish_metrics()
+        if self.report_to_file and (fresh_action or self._report_at is None or now - self._report_at >= REPORT_INTERVAL):
+            self._report_at = now
+            self.publish_report()
 
     def _note_pressure(self, sample: model.Sample, busy: bool) -> None:
         """One `pressure` event when pressure starts, one `pressure_eased` once it has
@@ -206,10 +382,10 @@ class Agent:
             return False
         namespaces_changed = fresh.agent.namespaces != self.policy.agent.namespaces
         self.policy = fresh
-        self.core = replace(self.core, lost=frozenset())  # a reload is the operator's "try again"
+        self.memory = replace(self.memory, lost=frozenset())  # a reload is the operator's "try again"
         if namespaces_changed:
+            self.env = replace(self.env, namespaces=fresh.agent.namespaces or ("",))
             self._open_sampler()
-            self.executor.namespaces = fresh.agent.namespaces or ("",)
             self._probe()
         logsetup.emit(self.log, "policy_loaded", self.policy.agent.dry_run, policy=self.policy_label,
                       rules="; ".join(config.describe(self.policy)))
@@ -217,11 +393,12 @@ class Agent:
 
     def evaluate(self) -> List[decisions.Decision]:
         """What the agent would do on its latest sample, without acting or advancing its
-        state (a sample of its own would consume counter deltas the next tick needs)."""
+        memory (a sample of its own would consume counter deltas the next tick needs)."""
         if self.last_sample is None:
             return []
-        decisions, _ = decisions.decide(self.last_sample, self.policy, self.core, self.env)
-        return decisions
+        found, _ = decisions.decide(self.last_sample, self.policy, self.memory, self.env,
+                                    owned_records(self.journal))
+        return found
 
     def current_usage(self) -> float:
         """Usage of the fullest watched namespace now, without advancing the fill-rate
@@ -246,6 +423,127 @@ class Agent:
             "dry_run": self.policy.agent.dry_run,
         }
 
+    def report(self) -> Dict[str, Any]:
+        """What the agent owns, and where every rule's timers stand (plan, status)."""
+        from . import report as reports
+
+        sample = self.last_sample
+        t = sample.time if sample is not None else self.clock()
+        owned = []
+        rules = self.policy.active_rules()
+        for change in self.journal.entries():
+            o = decisions.Owned.of(change)
+            action = actions.REGISTRY.get(change.action)
+            claimed = action is not None and any(action.claims(r, o, self.env) for r in rules)
+            current = change.applied
+            if sample is not None and change.name in ("nf_conntrack_max", "nf_conntrack_buckets"):
+                current = sample.max if change.name == "nf_conntrack_max" else sample.buckets
+            _, restore = reports.restore_verdict(change.name, change.original, change.applied, current,
+                                                 sample.count if sample is not None else None)
+            owned.append(dict(netns=change.netns, name=change.name, action=change.action, rule=change.rule,
+                              original=change.original, applied=change.applied, current=current,
+                              pending=change.pending, orphan=not claimed, restore=restore, since=change.since))
+        rule_rows = []
+        for rule in self.policy.rules:
+            rm = self.memory.rule(rule.name)
+            spec_after = {"set_timeouts": rule.set_timeouts.restore_after,
+                          "raise_max": None if rule.raise_max.raise_only else rule.raise_max.restore_after}
+            lost = sorted(f"{cap} in {netns_label(ns)}" for cap, ns in self.memory.lost
+                          if cap == actions.capability_of(rule.action))
+            rule_rows.append(dict(
+                name=rule.name, action=rule.action, enabled=rule.enabled,
+                cooldown_left=(max(0.0, rule.cooldown - (t - rm.last_fired)) if rm.last_fired is not None else 0.0),
+                held_for=(t - rm.held_since) if rm.held_since is not None else None,
+                sustained=rule.trigger.sustained,
+                episode_for=(t - rm.active_since) if rm.active_since is not None else None,
+                covered=sorted(rm.covered),
+                calm_for=(t - rm.calm_since) if rm.calm_since is not None else None,
+                restore_after=spec_after.get(rule.action), lost=lost))
+        return {"pid": os.getpid(), "written_at": time.time(), "last_tick_at": self.last_tick_at,
+                "policy": self.policy_label,
+                "dry_run": self.policy.agent.dry_run, "status": self.snapshot(), "owned": owned, "rules": rule_rows,
+                "plan": [f"{d.rule or '(agent)'}: would {d.describe() if d.is_action else 'notice ' + d.kind}: "
+                         f"{d.reason}" for d in self.evaluate()]}
+
+    def metrics_view(self) -> Dict[str, Any]:
+        """What the metrics show, from the latest sample, the journal and the policy."""
+        sample = self.last_sample
+        view: Dict[str, Any] = {"version": __version__, "last_action_at": self.last_action_at, "timeouts": []}
+        if sample is None:
+            return view
+        owned_max = self.journal.get("", "nf_conntrack_max")
+        grow = next((r for r in self.policy.active_rules() if r.action == "raise_max"), None)
+        if grow is not None:
+            limit, _ = decisions.ceiling(self.policy, grow, self.env)
+        else:
+            limit = self.policy.limits.max_ceiling
+        view.update(max=sample.max, buckets=sample.buckets, ceiling=limit,
+                    max_original=owned_max.original if owned_max is not None and not owned_max.pending else sample.max)
+        agent = self.policy.agent
+        namespaces = []
+        for ns in sample.namespaces:
+            reading = self.sampler.last_readings.get(ns.netns)
+            ttf = ns.time_to_full
+            pressure = (ns.usage >= agent.fast_usage or (ttf is not None and ttf < agent.fast_time_to_full)
+                        or any(ns.deltas.get(c, 0) for c in ("drop", "early_drop")))
+            namespaces.append({"netns": ns.netns, "count": ns.count, "fill_rate": round(ns.fill_rate, 3),
+                               "time_to_full": ttf, "pressure": pressure,
+                               "counters": dict(reading.counters) if reading is not None else {}})
+        view["namespaces"] = namespaces
+        view["timeouts"] = [(c.netns, c.name[len("nf_conntrack_"):], c.applied) for c in self.journal.entries()
+                            if c.action == "set_timeouts" and not c.pending]
+        return view
+
+    def metrics_text(self) -> str:
+        return metrics.render(metrics.families_of(self.metrics_view(), self.counters))
+
+    def publish_metrics(self) -> None:
+        """The textfile for node-exporter, when its directory exists, and the text the
+        optional HTTP endpoint serves (best effort: the agent's job is the table, not
+        the exposition)."""
+        path, listen = self.policy.metrics.textfile, self.policy.metrics.listen
+        if listen != self._listening:
+            self._serve_metrics(listen)
+        if not (metrics.directory_ready(path) or self._metrics_server is not None):
+            return
+        text = self.metrics_text()
+        self._metrics_latest = text
+        if not metrics.directory_ready(path):
+            return
+        try:
+            metrics.write_textfile(path, text)
+        except OSError as exc:
+            if path != self._metrics_failed:
+                self._metrics_failed = path
+                logsetup.emit(self.log, "metrics_unavailable", path=path, error=exc.strerror or str(exc))
+
+    def _serve_metrics(self, listen: str) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            self._metrics_server = None
+        self._listening = listen
+        if not listen or self.read_only:
+            return
+        from . import metrics_http  # http.server only when asked for (~2.7 MB of RSS)
+        try:
+            self._metrics_server = metrics_http.MetricsServer(listen, lambda: self._metrics_latest)
+        except OSError as exc:
+            logsetup.emit(self.log, "metrics_unavailable", path=f"http://{listen}/metrics",
+                          error=exc.strerror or str(exc))
+
+    def publish_report(self) -> None:
+        """The runtime copy of report() for `plan`/`status` without D-Bus; once per
+        status update. Best effort: a read-only /run only costs the CLI that view."""
+        from . import report as reports
+
+        if self._report_path is None:
+            return
+        try:
+            reports.write_runtime(self._report_path, self.report())
+        except OSError as exc:
+            logsetup.emit(self.log, "report_unavailable", path=self._report_path, error=exc.strerror or str(exc))
+            self._report_path = None
+
     def status_line(self) -> str:
         sample = self.last_sample
         if sample is None:
@@ -263,19 +561,8 @@ class Agent:
 
     def stop(self, why: str = "signal") -> None:
         logsetup.emit(self.log, "agent_stopping", why=why)
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            self._metrics_server = None
         if self.sampler is not None:
             self.sampler.close()
-
-
-def _evict_runner(agent: Agent) -> Callable[..., Any]:
-    def sweep(spec: config.Evict, netns_name: str, dry_run: bool) -> Any:
-        from . import ctnetlink, evict
-
-        # A socket of its own: a dump owns its socket's receive queue until read to the end.
-        with netns.entered(netns_name):
-            sock = ctnetlink.CtnetlinkSocket()
-        try:
-            return evict.evict(sock, spec, dry_run=dry_run, usage=agent.current_usage, log=agent.log)
-        finally:
-            sock.close()
-    return sweep

@@ -13,12 +13,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import pytest
 
-from conntrack_agent import config, procfs, sampler
-from conntrack_agent.executor import Executor
+from conntrack_agent import config, kernel, procfs, sampler
+from conntrack_agent.executor import Executor, owned_records
 from conntrack_agent.decisions import Decision
 from conntrack_agent.journal import ChangeJournal
 
@@ -80,7 +80,7 @@ def test_procfs_fallback_reads_the_same(ns, monkeypatch):
     def refuse(*_a, **_k):
         raise OSError(93, "Protocol not supported")
 
-    monkeypatch.setattr(sampler.ctnetlink, "CtnetlinkSocket", refuse)
+    monkeypatch.setattr(kernel.ctnetlink, "CtnetlinkSocket", refuse)
     s = sampler.Sampler((ns.name,), window=0.5)
     s.open_missing()
     assert s.probes[ns.name].source == "procfs"
@@ -136,10 +136,11 @@ def test_drop_and_early_drop_deltas_when_a_namespace_overfills():
 # ---------------------------------------------------------------------------- acting
 
 
-def executor_for(tmp_path, namespaces=()):
+def executor_for(tmp_path):
     log = ListLogger()
-    state = ChangeJournal(str(tmp_path / "state.json")).load()
-    return Executor(log, state, tuple(namespaces)), log, state
+    journal = ChangeJournal(str(tmp_path / "state.json"))
+    journal.load()
+    return Executor(log, journal, kernel.LinuxKernel()), log, journal
 
 
 def sample_now(namespaces=()):
@@ -153,57 +154,149 @@ def sample_now(namespaces=()):
 def test_timeouts_set_and_restored_inside_the_namespace(ns, tmp_path):
     host_before = procfs.read_sysctl("nf_conntrack_udp_timeout")
     original = ns_sysctl(ns, "nf_conntrack_udp_timeout")
-    executor, log, state = executor_for(tmp_path, [ns.name])
+    executor, log, journal = executor_for(tmp_path)
     policy = config.loads(b"")
     values = (("udp_timeout", 7.0), ("tcp_timeout_time_wait", 9999.0))   # the second would lengthen: skipped
-    set_it = Decision("set_timeouts", "shorten-timeouts", "test", ns.name, timeouts=values)
+    set_it = Decision("set_timeouts", "shorten-timeouts", "test", ns.name, timeouts=values, action="set_timeouts",
+                      targets=(ns.name,))
     outcome = executor.execute(set_it, sample_now([ns.name]), policy)
-    assert outcome.applied
+    assert outcome.applied and outcome.done == {ns.name}
     assert ns_sysctl(ns, "nf_conntrack_udp_timeout") == 7
     assert ns_sysctl(ns, "nf_conntrack_tcp_timeout_time_wait") == 120
     assert procfs.read_sysctl("nf_conntrack_udp_timeout") == host_before   # per namespace
     saved = json.loads((tmp_path / "state.json").read_text())["changes"]
-    assert [(c["netns"], c["name"], c["original"], c["applied"]) for c in saved] == [
-        (ns.name, "nf_conntrack_udp_timeout", original, 7)]
+    assert [(c["netns"], c["name"], c["original"], c["applied"], c["pending"]) for c in saved] == [
+        (ns.name, "nf_conntrack_udp_timeout", original, 7, False)]
     event = next(e for e in log.events if e["event"] == "set_timeouts")
     assert "udp_timeout 30s→7s" in event["changes"] and event["netns"] == ns.name
 
-    restore = Decision("restore_timeouts", "shorten-timeouts", "calm", ns.name, timeouts=values)
+    restore = Decision("restore_timeouts", "shorten-timeouts", "calm", ns.name, action="set_timeouts", undo=True,
+                       restores=owned_records(journal))
     assert executor.execute(restore, sample_now([ns.name]), policy).applied
     assert ns_sysctl(ns, "nf_conntrack_udp_timeout") == original
     assert json.loads((tmp_path / "state.json").read_text())["changes"] == []
 
 
 def test_restore_leaves_a_value_another_writer_changed(ns, tmp_path):
-    executor, log, state = executor_for(tmp_path, [ns.name])
+    executor, log, journal = executor_for(tmp_path)
     policy = config.loads(b"")
-    executor.execute(Decision("set_timeouts", "r", "t", ns.name, timeouts=(("udp_timeout", 8.0),)),
-                     sample_now([ns.name]), policy)
+    executor.execute(Decision("set_timeouts", "r", "t", ns.name, timeouts=(("udp_timeout", 8.0),),
+                              action="set_timeouts", targets=(ns.name,)), sample_now([ns.name]), policy)
     ns.run(["sysctl", "-qw", "net.netfilter.nf_conntrack_udp_timeout=11"])
-    executor.execute(Decision("restore_timeouts", "r", "calm", ns.name), sample_now([ns.name]), policy)
+    executor.execute(Decision("restore_timeouts", "r", "calm", ns.name, action="set_timeouts", undo=True,
+                              restores=owned_records(journal)), sample_now([ns.name]), policy)
     assert ns_sysctl(ns, "nf_conntrack_udp_timeout") == 11
-    assert "external_change" in log.kinds() and state.entries() == []
+    assert "external_change" in log.kinds() and journal.entries() == []
+
+
+SHORTEN_RULE = """
+[[rule]]
+name = "{name}"
+action = "set_timeouts"
+enabled = {enabled}
+cooldown = "1s"
+[rule.trigger]
+usage_at_least = 0.5
+[rule.set_timeouts]
+values = {{ udp_timeout = "10s" }}
+restore_after = "2s"
+restore_below = 0.3
+
+[[rule]]
+name = "shorten-timeouts"   # the built-in one sets udp_timeout too: it would adopt the changes
+enabled = false
+
+[[rule]]
+name = "grow-table"         # a raised max would take the table out of the rule's trigger
+enabled = false
+"""
+
+
+def _shorten_policy(tmp_path, ns, name="shorten", enabled=True) -> Path:
+    return policy_at(tmp_path, SHORTEN_RULE.format(name=name, enabled=str(enabled).lower()), namespaces=[ns.name],
+                     agent='interval = "200ms"')
+
+
+def _wait_value(ns, name, value, timeout=15.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        current = ns_sysctl(ns, name)
+        if current == value:
+            return current
+        time.sleep(0.1)
+    return ns_sysctl(ns, name)
+
+
+def test_a_rule_disabled_by_reload_has_its_timeouts_restored_in_a_real_namespace(tmp_path):
+    """The trust issue's first finding, end to end: a reload disables the rule that shortened
+    udp_timeout; once the table is calm, the original comes back."""
+    with rig.Namespace() as ns, rig.saved_global_sysctls():
+        rig.write_sysctl("nf_conntrack_max", 4000)
+        original = ns_sysctl(ns, "nf_conntrack_udp_timeout")
+        policy_file = _shorten_policy(tmp_path, ns)
+        agent = AgentProcess(policy_file)
+        try:
+            agent.wait_for(lambda e: e.get("event") == "conntrack_available")
+            rig.flood_udp(ns, 2800)                               # 70% of 4000
+            agent.wait_for(lambda e: e.get("event") == "set_timeouts")
+            assert ns_sysctl(ns, "nf_conntrack_udp_timeout") == 10
+            _shorten_policy(tmp_path, ns, enabled=False)
+            agent.proc.send_signal(signal.SIGHUP)
+            agent.wait_for(lambda e: e.get("event") == "policy_loaded")
+            ns.run(["conntrack", "-F"], check=False)              # the table empties
+            agent.wait_for(lambda e: e.get("event") == "restore_timeouts")
+            assert _wait_value(ns, "nf_conntrack_udp_timeout", original) == original
+        finally:
+            assert agent.stop() == 0
+    assert json.loads((tmp_path / "state.json").read_text())["changes"] == []
+
+
+def test_a_rule_renamed_after_a_kill_has_its_timeouts_restored_in_a_real_namespace(tmp_path):
+    """kill -9, then a start with the rule renamed: the journal, not the rule name, drives the undo."""
+    with rig.Namespace() as ns, rig.saved_global_sysctls():
+        rig.write_sysctl("nf_conntrack_max", 4000)
+        original = ns_sysctl(ns, "nf_conntrack_udp_timeout")
+        agent = AgentProcess(_shorten_policy(tmp_path, ns))
+        try:
+            agent.wait_for(lambda e: e.get("event") == "conntrack_available")
+            rig.flood_udp(ns, 2800)
+            agent.wait_for(lambda e: e.get("event") == "set_timeouts")
+        finally:
+            agent.proc.kill()                                      # SIGKILL: no clean-up of any kind
+            agent.proc.wait(timeout=10)
+        assert ns_sysctl(ns, "nf_conntrack_udp_timeout") == 10
+        ns.run(["conntrack", "-F"], check=False)
+        again = AgentProcess(_shorten_policy(tmp_path, ns, name="shorten-renamed"))
+        try:
+            # The renamed rule shortens the same timeout: it takes the change over and
+            # restores it by its own calm condition (restoring, then shortening again, would flap).
+            adopted = again.wait_for(lambda e: e.get("event") == "change_adopted")
+            assert adopted["rule"] == "shorten-renamed" and "from rule 'shorten'" in adopted["reason"]
+            again.wait_for(lambda e: e.get("event") == "restore_timeouts")
+            assert _wait_value(ns, "nf_conntrack_udp_timeout", original) == original
+        finally:
+            assert again.stop() == 0
+    assert json.loads((tmp_path / "state.json").read_text())["changes"] == []
 
 
 def test_max_and_buckets_raised_then_restored_by_the_cli(tmp_path):
     policy_file = policy_at(tmp_path)
     with rig.saved_global_sysctls() as saved:
-        executor, log, state = executor_for(tmp_path)
+        executor, log, journal = executor_for(tmp_path)
         policy = config.load(policy_file)
         old_max, old_buckets = saved["nf_conntrack_max"], saved["nf_conntrack_buckets"]
         sample = sample_now()
-        assert executor.execute(Decision("raise_max", "grow-table", "t", "", old=old_max, new=old_max + 4096),
-                                sample, policy).applied
+        assert executor.execute(Decision("raise_max", "grow-table", "t", "", old=old_max, new=old_max + 4096,
+                                         action="raise_max"), sample, policy).applied
         assert executor.execute(Decision("resize_buckets", "grow-table", "t", "", old=old_buckets,
-                                         new=old_buckets + 1024), sample, policy).applied
+                                         new=old_buckets + 1024, action="resize_buckets"), sample, policy).applied
         assert procfs.read_sysctl("nf_conntrack_max") == old_max + 4096
         assert procfs.read_sysctl("nf_conntrack_buckets") == old_buckets + 1024
         raised = next(e for e in log.events if e["event"] == "raise_max")
         assert (raised["old"], raised["new"], raised["rule"]) == (old_max, old_max + 4096, "grow-table")
         # A second agent life must keep the true original, not the raised value.
-        again = ChangeJournal(str(tmp_path / "state.json")).load()
-        again.path = str(tmp_path / "second-life.json")
-        again.record("", "nf_conntrack_max", original=old_max + 4096, applied=old_max + 8192, rule="x")
+        again = ChangeJournal(str(tmp_path / "state.json"))
+        again.load()
         assert again.get("", "nf_conntrack_max").original == old_max
 
         out = subprocess.run([sys.executable, "-m", "conntrack_agent", "restore", "--config", str(policy_file)],
@@ -218,9 +311,10 @@ def test_max_and_buckets_raised_then_restored_by_the_cli(tmp_path):
 
 
 def test_dry_run_changes_nothing(tmp_path):
-    executor, log, state = executor_for(tmp_path)
+    executor, log, journal = executor_for(tmp_path)
     before = procfs.read_sysctl("nf_conntrack_max")
-    decision = Decision("raise_max", "grow-table", "t", "", dry_run=True, old=before, new=before * 2)
+    decision = Decision("raise_max", "grow-table", "t", "", dry_run=True, old=before, new=before * 2,
+                        action="raise_max")
     assert not executor.execute(decision, sample_now(), config.loads(b"")).applied
     assert procfs.read_sysctl("nf_conntrack_max") == before
     assert not (tmp_path / "state.json").exists()
@@ -235,12 +329,13 @@ def test_dry_run_changes_nothing(tmp_path):
 class AgentProcess:
     """`conntrack-agent run` as a user runs it, JSON log lines collected."""
 
-    def __init__(self, policy_file: Path, *args: str, netns: str = ""):
+    def __init__(self, policy_file: Path, *args: str, netns: str = "", env: Optional[Dict[str, str]] = None):
         cmd = [sys.executable, "-m", "conntrack_agent", "run", "--config", str(policy_file),
                "--log-format", "json", "--no-dbus", *args]
         if netns:
             cmd = ["ip", "netns", "exec", netns] + cmd
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     env=dict(os.environ, **(env or {})))
         self._fd = self.proc.stderr.fileno()
         self._pending = b""
         self.lines: List[Dict] = []
@@ -470,3 +565,67 @@ def test_evict_cli_dry_run_previews_without_changing(ns):
     assert real.returncode == 0, real.stderr
     assert real.stdout.startswith("removed 500 entries")
     assert rig.conntrack_count(ns) == before - 500
+
+
+def test_plan_and_status_show_what_the_running_agent_owns_without_dbus(ns, tmp_path):
+    """After the agent raised the max, plan and status name the original and what restore
+    would do, and plan shows the rule's cooldown, from the agent's own report."""
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    env = {"RUNTIME_DIRECTORY": str(runtime)}
+    policy_file = policy_at(tmp_path, namespaces=[ns.name], agent='interval = "200ms"')
+    low = 1009
+    with rig.saved_global_sysctls():
+        rig.write_sysctl("nf_conntrack_max", low)
+        agent = AgentProcess(policy_file, env=env)
+        try:
+            agent.wait_for(lambda e: e.get("event") == "conntrack_available")
+            rig.flood_udp(ns, 900)
+            raised = agent.wait_for(lambda e: e.get("event") == "raise_max")
+            deadline = time.monotonic() + 10
+            while not (runtime / "report.json").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            cli = [sys.executable, "-m", "conntrack_agent"]
+            run_env = dict(os.environ, **env)
+            status = subprocess.run(cli + ["status", "--config", str(policy_file), "--json"], capture_output=True,
+                                    text=True, timeout=60, env=run_env)
+            plan = subprocess.run(cli + ["plan", "--config", str(policy_file)], capture_output=True, text=True,
+                                  timeout=60, env=run_env)
+        finally:
+            assert agent.stop() == 0
+    assert status.returncode == 0, status.stderr
+    data = json.loads(status.stdout)
+    assert data["source"].startswith("agent (")
+    owned = {o["name"]: o for o in data["owned"]}
+    assert owned["nf_conntrack_max"]["original"] == low
+    assert owned["nf_conntrack_max"]["applied"] == raised["new"]
+    assert plan.returncode == 0, plan.stderr
+    assert f"nf_conntrack_max: {raised['new']} (original {low}, rule grow-table)" in plan.stdout
+    assert "restore:" in plan.stdout and "source: agent (" in plan.stdout
+    assert "grow-table (raise_max):" in plan.stdout
+
+
+def test_a_configmap_update_is_reloaded_without_a_restart_and_a_bad_one_kept_out(ns, tmp_path):
+    """agent.watch_policy with the kubelet's layout: a new `..data` is loaded as SIGHUP
+    would load it; a broken one is refused and the running policy stays."""
+    import sys as _sys
+    _sys.path.insert(0, str(REPO / "tests" / "unit"))
+    from test_policywatch import configmap
+
+    mount = tmp_path / "configmap"
+    mount.mkdir()
+    base = (f'[agent]\nstate_file = "{tmp_path}/state.json"\nnamespaces = ["{ns.name}"]\n'
+            'watch_policy = true\n')
+    configmap(mount, "1", base)
+    agent = AgentProcess(mount / "policy.toml")
+    try:
+        agent.wait_for(lambda e: e.get("event") == "policy_watched")
+        configmap(mount, "2", base + 'interval = "2s"\n')
+        loaded = agent.wait_for(lambda e: e.get("event") == "policy_loaded", timeout=10)
+        assert "interval 2s" in loaded.get("rules", "") or loaded["policy"]
+        configmap(mount, "3", base + 'interval = "two seconds"\n')
+        refused = agent.wait_for(lambda e: e.get("event") == "policy_invalid", timeout=10)
+        assert "agent.interval" in refused["error"]
+        assert agent.proc.poll() is None                     # still running, old policy kept
+    finally:
+        assert agent.stop() == 0

@@ -121,3 +121,30 @@ def test_closed_socket_refuses_requests(ns):
     with pytest.raises(ValueError):
         ct.stats()
     ct.close()  # idempotent
+
+
+def test_a_dump_cut_short_by_a_malformed_entry_is_drained_without_waiting(ns, monkeypatch):
+    # After a malformed chunk the rest is read without waiting, in case its
+    # NLMSG_DONE was in what could not be read. That relies on the kernel
+    # queueing a dump's next chunk as each is read: so it must still reach
+    # the end here, leaving the socket free for the next dump.
+    from conntrack_agent import ctnetlink
+
+    sent = rig.flood_udp(ns, 3000)  # ~17 chunks
+    real_decode = ctnetlink._decode
+    decoded = []
+
+    def failing_decode(buf, off, mlen):
+        if len(decoded) == 10:
+            raise ctnetlink.MalformedMessage(off, "made up by the test")
+        decoded.append(off)
+        return real_decode(buf, off, mlen)
+
+    with CtnetlinkSocket(netns=ns.name) as ct:
+        monkeypatch.setattr(ctnetlink, "_decode", failing_decode)
+        dump = ct.dump()
+        with pytest.raises(ctnetlink.MalformedMessage, match="made up"):
+            list(dump)
+        monkeypatch.setattr(ctnetlink, "_decode", real_decode)
+        assert dump.done, "the drain stopped before the dump's NLMSG_DONE"
+        assert len(list(ct.dump())) == sent == ct.stats()[0]

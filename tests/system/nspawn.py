@@ -1,14 +1,15 @@
-"""Boot a throw-away Debian 12 under systemd-nspawn with the agent installed.
+"""Boot a throw-away Debian 12 (or 13) under systemd-nspawn with the agent installed.
 
 The root file system is built once with debootstrap and cached under
-CACHE_DIR, keyed on the suite, mirror and package list (a changed list builds
-a new one). Each run boots an overlayfs on top of the cache, so a run never
+CACHE_DIR, keyed on the suite (bookworm by default; trixie for Debian 13),
+mirror and package list (a changed list builds a new one). Each run boots an overlayfs on top of the cache, so a run never
 changes the cache and its writes vanish with the overlay.
 
 The container shares the host's network namespace and, with
 SYSTEMD_NSPAWN_API_VFS_WRITABLE=1, may write /proc/sys: nf_conntrack_max and
 nf_conntrack_buckets are global and writable only from the initial namespace,
-and the agent's raise of max has to be real to be tested (../shared/FACTS.md).
+and the agent's raise of max has to be real to be tested (a container with its own
+network namespace gets EACCES writing them: checked on kernel 6.18).
 Callers hold tests/rig.py's global_lock() while such a container runs, and
 restore the global values afterwards.
 
@@ -31,7 +32,10 @@ import time
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
-SUITE = "bookworm"
+SUITE = "bookworm"  # the default: Debian 12, what the agent is developed on
+# Debian releases the package is installed on by tests/system/test_deb_install.py:
+# suite -> version. The .deb built on Debian 12 must install and run on each.
+SUITES = {"bookworm": "12", "trixie": "13"}
 MIRROR = os.environ.get("CONNTRACK_AGENT_TEST_MIRROR", "http://deb.debian.org/debian")
 CACHE_DIR = Path(os.environ.get("CONNTRACK_AGENT_TEST_CACHE", "/var/cache/conntrack-agent-tests"))
 RUN_DIR = Path("/var/tmp/conntrack-agent-tests")
@@ -50,6 +54,7 @@ INSTALL = {
     "systemd/io.github.conntrack_agent1.conf": "usr/share/dbus-1/system.d/io.github.conntrack_agent1.conf",
     "systemd/conntrack-agent.catalog": "usr/lib/systemd/catalog/conntrack-agent.catalog",
     "systemd/sysusers.d/conntrack-agent.conf": "usr/lib/sysusers.d/conntrack-agent.conf",
+    "systemd/tmpfiles.d/conntrack-agent.conf": "usr/lib/tmpfiles.d/conntrack-agent.conf",
     "config/policy.toml": "usr/lib/conntrack-agent/policy.toml",
 }
 LAUNCHER = "#!/usr/bin/python3\nfrom conntrack_agent.cli import main\nraise SystemExit(main())\n"
@@ -75,16 +80,18 @@ def _run(argv: Sequence[str], timeout: float = 600, check: bool = True, **kw: ob
 # ------------------------------------------------------------------ the cached root
 
 
-def image_key(packages: Iterable[str] = PACKAGES) -> str:
-    text = json.dumps({"suite": SUITE, "mirror": MIRROR, "variant": "minbase",
+def image_key(packages: Iterable[str] = PACKAGES, suite: str = SUITE) -> str:
+    text = json.dumps({"suite": suite, "mirror": MIRROR, "variant": "minbase",
                        "packages": sorted(set(packages))}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def ensure_image(packages: Iterable[str] = PACKAGES) -> Path:
-    """The cached root for this package list, built on first use (~1 minute)."""
+def ensure_image(packages: Iterable[str] = PACKAGES, suite: str = SUITE) -> Path:
+    """The cached root of ``suite`` with this package list, built on first use (~1 minute)."""
+    if suite not in SUITES:
+        raise HarnessError("unknown suite %r (known: %s)" % (suite, ", ".join(SUITES)))
     packages = sorted(set(packages))
-    root = CACHE_DIR / ("%s-%s" % (SUITE, image_key(packages))) / "root"
+    root = CACHE_DIR / ("%s-%s" % (suite, image_key(packages, suite))) / "root"
     if (root.parent / "complete").exists():
         return root
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
@@ -95,11 +102,12 @@ def ensure_image(packages: Iterable[str] = PACKAGES) -> Path:
         building = root.parent / "building"
         shutil.rmtree(building, ignore_errors=True)
         building.parent.mkdir(parents=True, exist_ok=True)
-        _run(["debootstrap", "--variant=minbase", "--include=" + ",".join(packages), SUITE,
+        _run(["debootstrap", "--variant=minbase", "--include=" + ",".join(packages), suite,
               str(building), MIRROR], timeout=1800)
         shutil.rmtree(root, ignore_errors=True)
         building.rename(root)
-        (root.parent / "complete").write_text(json.dumps({"packages": packages, "built": time.time()}))
+        (root.parent / "complete").write_text(json.dumps({"suite": suite, "packages": packages,
+                                                          "built": time.time()}))
     return root
 
 
@@ -287,6 +295,6 @@ def _find_init(nspawn_pid: int) -> Optional[int]:
 
 @contextlib.contextmanager
 def booted(binds: Sequence[str] = (), packages: Iterable[str] = PACKAGES,
-           install_tree: bool = True) -> Iterator[Container]:
-    with Container(ensure_image(packages), binds=binds, install_tree=install_tree) as container:
+           install_tree: bool = True, suite: str = SUITE) -> Iterator[Container]:
+    with Container(ensure_image(packages, suite), binds=binds, install_tree=install_tree) as container:
         yield container

@@ -1,17 +1,21 @@
-"""The .deb on a clean Debian 12 under real systemd: install, act, upgrade, remove, purge.
+"""The .deb on a clean Debian 12 and 13 under real systemd: install, act, upgrade, remove, purge.
 
-A debootstrapped Debian 12 (minbase with systemd and dbus, cached by
+A debootstrapped Debian (minbase with systemd and dbus, cached by
 tests/system/nspawn.py) boots under systemd-nspawn *without* the agent from the
-tree (install_tree=False); the .deb built by packaging/build-deb.sh is
-installed with apt, which fetches its dependencies from the Debian archive.
+tree (install_tree=False); the .deb built by packaging/build-deb.sh (on the
+host, Debian 12) is installed with apt, which fetches its dependencies from the
+Debian archive of the container's release. The whole sequence runs once on
+Debian 12 (bookworm: systemd 252, Python 3.11) and once on Debian 13 (trixie:
+systemd 257, Python 3.13, merged /usr): one package for both.
 
 Like tests/system/test_systemd.py, the container shares the host's network
 namespace, so the agent's raise of the global nf_conntrack_max is real: the
 module holds the rig's global lock, lowers max so a small flood in a watched
 namespace fills it, and restores max and buckets afterwards, also on failure.
 
-The tests run in file order on one container, as an admin's session would:
-install -> flood -> upgrade -> remove -> reinstall -> purge.
+The tests run in file order on one container per release, as an admin's
+session would: install -> flood -> upgrade -> remove -> reinstall -> purge
+(pytest runs every test on the first release's container, then on the next).
 """
 
 from __future__ import annotations
@@ -68,7 +72,9 @@ def _require() -> None:
 
 
 class Env:
-    def __init__(self, box: nspawn.Container, ns: rig.Namespace, debs: Dict[str, str], versions: Dict[str, str]):
+    def __init__(self, box: nspawn.Container, ns: rig.Namespace, debs: Dict[str, str], versions: Dict[str, str],
+                 suite: str):
+        self.suite = suite
         self.box = box
         self.ns = ns
         self.debs = debs          # "first"/"upgrade" -> path inside the container
@@ -138,8 +144,10 @@ class Env:
         assert self.ns_timeouts() == self.before["timeouts"]
 
 
-@pytest.fixture(scope="module")
-def env() -> Iterator[Env]:
+@pytest.fixture(scope="module", params=sorted(nspawn.SUITES, key=nspawn.SUITES.get),
+                ids=lambda suite: "debian%s-%s" % (nspawn.SUITES[suite], suite))
+def env(request) -> Iterator[Env]:
+    suite = request.param
     _require()
     # Both packages first (cached per tree), before taking the global lock.
     first = pkgbuild.build_deb()
@@ -153,10 +161,18 @@ def env() -> Iterator[Env]:
         stack.enter_context(rig.saved_global_sysctls())
         ns = stack.enter_context(rig.Namespace())
         binds = [ns.path, "%s:/srv/deb/first" % first.parent, "%s:/srv/deb/upgrade" % upgrade.parent]
-        box = stack.enter_context(nspawn.booted(binds=binds, packages=CLEAN_IMAGE, install_tree=False))
+        box = stack.enter_context(nspawn.booted(binds=binds, packages=CLEAN_IMAGE, install_tree=False,
+                                                suite=suite))
         yield Env(box, ns,
                   {"first": "/srv/deb/first/" + first.name, "upgrade": "/srv/deb/upgrade/" + upgrade.name},
-                  {"first": base, "upgrade": upgrade_version})
+                  {"first": base, "upgrade": upgrade_version}, suite)
+
+
+def test_container_runs_the_release_under_test(env: Env) -> None:
+    # the parametrization is real: each run boots the release it names
+    release = env.box.run(["cat", "/etc/os-release"]).stdout
+    assert 'VERSION_ID="%s"' % nspawn.SUITES[env.suite] in release, release
+    assert "VERSION_CODENAME=%s" % env.suite in release, release
 
 
 def test_clean_system_has_none_of_the_agent(env: Env) -> None:
@@ -168,7 +184,7 @@ def test_clean_system_has_none_of_the_agent(env: Env) -> None:
 def test_apt_installs_the_deb_resolving_dependencies_from_the_archive(env: Env) -> None:
     sources = env.box.run(["sh", "-c", "cat /etc/apt/sources.list /etc/apt/sources.list.d/* 2>/dev/null"],
                           check=False).stdout
-    assert "deb.debian.org/debian bookworm" in sources, sources
+    assert "deb.debian.org/debian %s" % env.suite in sources, sources
     env.apt("update")
     proc = env.apt("install", env.debs["first"])
     for package in FROM_ARCHIVE:

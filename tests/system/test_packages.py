@@ -105,7 +105,7 @@ def test_deb_contents(deb):
                  "/lib/systemd/system/conntrack-agent.service",
                  "/usr/share/dbus-1/system.d/io.github.conntrack_agent1.conf",
                  "/usr/lib/systemd/catalog/conntrack-agent.catalog",
-                 "/usr/lib/sysusers.d/conntrack-agent.conf",
+                 "/usr/lib/sysusers.d/conntrack-agent.conf", "/usr/lib/tmpfiles.d/conntrack-agent.conf",
                  "/usr/share/man/man8/conntrack-agent.8.gz", "/usr/share/man/man5/conntrack-agent.toml.5.gz",
                  "/usr/share/doc/conntrack-agent/examples/watch-named-netns.conf",
                  "/usr/share/doc/conntrack-agent/copyright"):
@@ -219,7 +219,7 @@ def test_rpm_files_and_flags(rpms):
     for name in ("/usr/lib/systemd/system/conntrack-agent.service",
                  "/usr/share/dbus-1/system.d/io.github.conntrack_agent1.conf",
                  "/usr/lib/systemd/catalog/conntrack-agent.catalog", "/usr/lib/sysusers.d/conntrack-agent.conf",
-                 "/etc/conntrack-agent", "/etc/conntrack-agent/policy.d"):
+                 "/usr/lib/tmpfiles.d/conntrack-agent.conf", "/etc/conntrack-agent", "/etc/conntrack-agent/policy.d"):
         assert name in files, name
     docs = {name for name, (flags, _) in files.items() if "d" in flags}
     assert {"/usr/share/man/man8/conntrack-agent.8.gz", "/usr/share/man/man5/conntrack-agent.toml.5.gz"} <= docs

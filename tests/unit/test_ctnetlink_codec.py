@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
+from typing import Optional
 
 import pytest
 
@@ -27,6 +28,7 @@ from conntrack_agent.ctnetlink import (
     ConntrackUnavailable,
     CtnetlinkError,
     CtnetlinkSocket,
+    MalformedMessage,
     TupleFilter,
     decode_entries,
     encode_delete,
@@ -186,10 +188,31 @@ def test_a_layout_that_differs_in_one_header_is_not_misread(fresh_layouts):
     assert patched[857018175].dport == 30000
 
 
-def test_truncated_and_foreign_messages_are_skipped():
-    assert decode_entries(DUMP[:10]) == []
+def test_a_learnt_tcp_layout_reads_no_state_for_another_protocol(fresh_layouts, monkeypatch):
+    # Found by the fuzz: the walk reports a TCP state only for TCP; a layout
+    # learnt from a TCP entry must not read one from a same-shaped UDP entry.
+    off = 0
+    while True:
+        length = HDR.unpack_from(DUMP, off)[0]
+        tcp = DUMP[off:off + length]
+        if decode_entries(tcp)[0].proto == 6:
+            break
+        off += (length + 3) & ~3
+    patched = bytearray(tcp)
+    assert patched[52] == 6  # ORIG { IP {src, dst}, PROTO { PROTO_NUM: here
+    patched[52] = 17
+    (learnt,) = decode_entries(bytes(patched))
+    monkeypatch.setattr(C, "_SHAPES", {})
+    (walked,) = decode_entries(bytes(patched))  # and learnt from the UDP entry itself
+    (learnt_from_it,) = decode_entries(bytes(patched))
+    assert learnt == walked == learnt_from_it and walked.state == -1 and walked.proto == 17
+
+
+def test_foreign_messages_are_skipped_and_truncated_ones_refused():
     done = HDR.pack(20, 3, 2, 1, 0) + bytes(4)
     assert decode_entries(done) == []
+    with pytest.raises(MalformedMessage, match="offset 0: 10 byte"):
+        decode_entries(DUMP[:10])
 
 
 # ----------------------------------------------------------------------- encoding
@@ -289,27 +312,42 @@ def test_kernel_version_parsing():
 # ------------------------------------------------------- counters on recorded replies
 
 class FakeNetlink:
-    """Answers every request with recorded replies, re-stamped with its seq."""
+    """Answers every request with recorded replies, re-stamped with its seq.
 
-    def __init__(self, *replies: bytes, stale: bytes = b"") -> None:
+    A reply of None stands for an empty receive queue: EAGAIN to a
+    non-blocking read. A blocking read with nothing left fails the test
+    (it would wait for ever).
+    """
+
+    def __init__(self, *replies: Optional[bytes], stale: bytes = b"") -> None:
         self.replies = list(replies)
         self.stale = stale
         self.sent = []
+        self.flags = []
 
     def send(self, data) -> int:
         self.sent.append(bytes(data))
         return len(data)
 
     def recv_into(self, buf, nbytes=0, flags=0) -> int:
+        self.flags.append(flags)
         seq = HDR.unpack_from(self.sent[-1], 0)[3]
         if self.stale:
             data, self.stale = self.stale, b""
         else:
+            if not self.replies or self.replies[0] is None:
+                if self.replies:
+                    self.replies.pop(0)
+                if flags & socket.MSG_DONTWAIT:
+                    raise BlockingIOError(errno.EAGAIN, "nothing queued")
+                raise AssertionError("a blocking read with nothing left to receive would wait for ever")
             data = bytearray(self.replies.pop(0))
             off = 0
             while off + 16 <= len(data):
                 length = HDR.unpack_from(data, off)[0]
                 struct.pack_into("=I", data, off + 8, seq)
+                if length < 16:
+                    break
                 off += (length + 3) & ~3
         buf[:len(data)] = data
         return len(data)
@@ -437,3 +475,283 @@ def test_top_talkers_stay_bounded_and_keep_heavy_hitters():
     for a in (heavy, heavy, socket.inet_pton(socket.AF_INET6, "::1")):
         exact.add(a)
     assert exact.top(5) == [("10.0.0.1", 2), ("::1", 1)] and exact.exact
+
+
+# ------------------------------------------------ malformed input: one test per length check
+#
+# Hand-built messages, each broken in one way. Without the check it names, the
+# decoder would read past what holds the field (neighbouring or stale bytes),
+# crash with struct.error / IndexError / OverflowError, or wait for ever.
+
+BE32 = struct.Struct(">I")
+BE16 = struct.Struct(">H")
+CT_NEW, STATS_TYPE, CPU_TYPE = 0x100, 0x105, 0x104
+
+
+def nla(atype: int, payload: bytes = b"", length: Optional[int] = None, pad: bool = True) -> bytes:
+    n = 4 + len(payload)
+    return ATTR.pack(n if length is None else length, atype) + payload + (bytes(-n & 3) if pad else b"")
+
+
+def nest(atype: int, *parts: bytes, pad: bool = True) -> bytes:
+    return nla(C.NLA_F_NESTED | atype, b"".join(parts), pad=pad)
+
+
+def message(mtype: int, body: bytes = b"", family: int = 2, seq: int = 0, length: Optional[int] = None) -> bytes:
+    data = bytes((family, 0, 0, 0)) + body
+    return HDR.pack(16 + len(data) if length is None else length, mtype, 2, seq, 0) + data
+
+
+def tuple_v4(src=b"\x7f\0\0\1", dst=b"\x7f\0\0\2", proto=(nla(1, b"\x11"), nla(2, BE16.pack(40000)),
+                                                           nla(3, BE16.pack(20000))), extra=b"") -> bytes:
+    return nest(C.CTA_TUPLE_ORIG, nest(C.CTA_TUPLE_IP, nla(1, src), nla(2, dst)), nest(C.CTA_TUPLE_PROTO, *proto),
+                extra)
+
+
+def entry(*attrs: bytes, family: int = 2, orig: Optional[bytes] = None) -> bytes:
+    return message(CT_NEW, (tuple_v4() if orig is None else orig) + b"".join(attrs) + nla(C.CTA_ID, BE32.pack(7)),
+                   family=family)
+
+
+def stats_reply(*attrs: bytes, length: Optional[int] = None) -> bytes:
+    body = b"".join(attrs) if attrs else nla(1, BE32.pack(6)) + nla(2, BE32.pack(262144))
+    return message(STATS_TYPE, body, family=0, length=length)
+
+
+def refused(data: bytes, fragment: str) -> MalformedMessage:
+    with pytest.raises(MalformedMessage, match=fragment) as exc:
+        decode_entries(data)
+    assert isinstance(exc.value, CtnetlinkError) and exc.value.errno == errno.EBADMSG
+    return exc.value
+
+
+def test_a_valid_hand_built_entry_decodes():
+    (e,) = decode_entries(entry(nla(C.CTA_STATUS, BE32.pack(8))))
+    assert (e.src, e.dst, e.proto, e.sport, e.dport, e.status, e.id) == (
+        b"\x7f\0\0\1", b"\x7f\0\0\2", 17, 40000, 20000, 8, 7)
+
+
+# -- message headers
+
+def test_bytes_after_the_last_message_too_few_for_a_header():
+    assert refused(DUMP + bytes(8), "8 byte.s. left, a message header needs 16").offset == len(DUMP)
+
+
+def test_nlmsg_len_shorter_than_the_header():
+    refused(HDR.pack(12, 3, 0, 0, 0) + bytes(8), "nlmsg_len 12 is shorter")
+
+
+def test_nlmsg_len_past_the_bytes_received():
+    refused(DUMP[:100], "nlmsg_len 180 runs past the 100 byte.s. received")
+
+
+def test_nfnetlink_message_too_short_for_its_nfgenmsg():
+    refused(HDR.pack(18, CT_NEW, 2, 0, 0) + bytes(2), "no room for its nfgenmsg")
+
+
+def test_error_reply_too_short_for_its_errno():
+    refused(HDR.pack(16, 2, 0, 0, 0), "no room for its errno")
+    # Over a socket the errno would otherwise be read from whatever the buffer held.
+    ct = CtnetlinkSocket.from_socket(FakeNetlink(HDR.pack(16, 2, 0, 0, 0)))
+    with pytest.raises(MalformedMessage, match="errno"):
+        ct.stats()
+
+
+@pytest.mark.parametrize("field", [-(1 << 31), 5, -5000])
+def test_error_reply_whose_errno_is_no_errno(field):
+    reply = HDR.pack(36, 2, 0, 0, 0) + struct.pack("=i", field) + HDR.pack(20, 0, 0, 0, 0)
+    ct = CtnetlinkSocket.from_socket(FakeNetlink(reply))
+    with pytest.raises(MalformedMessage, match="not a negative errno"):
+        ct.stats()
+
+
+def test_a_short_read_is_not_completed_from_an_earlier_reply():
+    # The receive buffer is reused: a reply cut short must not be parsed
+    # from what the previous, complete one left behind.
+    ct = CtnetlinkSocket.from_socket(FakeNetlink(STATS, STATS[:28]))
+    assert ct.stats() == (6, 262144)
+    with pytest.raises(MalformedMessage, match="nlmsg_len 36 runs past the 28 byte"):
+        ct.stats()
+
+
+# -- attributes: GET_STATS
+
+@pytest.mark.parametrize("reply, fragment", [
+    (stats_reply(nla(1, BE32.pack(6)), ATTR.pack(2, 2) + bytes(2)), "nla_len 2 of attribute type 2 is shorter"),
+    (stats_reply(nla(1, BE32.pack(6)), nla(2, BE32.pack(9)), nla(9, bytes(4), length=12)),
+     "attribute type 9 .nla_len 12. runs 4 byte.s. past"),
+    (stats_reply(nla(1, b"\0\6"), nla(2, BE32.pack(9))), "attribute type 1 has 2 payload byte.s., expected 4"),
+    (stats_reply(nla(1, BE32.pack(6)), nla(2, BE32.pack(9)), b"\0\0", length=38) + b"\0\0",
+     "2 byte.s. left before the end"),
+    (stats_reply(nla(1, BE32.pack(6))), "lacks entries/max"),
+])
+def test_stats_attribute_checks(reply, fragment):
+    ct = CtnetlinkSocket.from_socket(FakeNetlink(reply))
+    with pytest.raises(MalformedMessage, match=fragment):
+        ct.stats()
+
+
+def test_stats_skips_unknown_attributes():
+    reply = stats_reply(nla(9, bytes(8)), nest(7, nla(1, b"x")), nla(1, BE32.pack(6)), nla(2, BE32.pack(9)))
+    assert CtnetlinkSocket.from_socket(FakeNetlink(reply)).stats() == (6, 9)
+
+
+# -- attributes: GET_STATS_CPU
+
+def cpu_reply(*attrs: bytes) -> bytes:
+    return message(CPU_TYPE, b"".join(attrs), family=0) + HDR.pack(20, 3, 2, 0, 0) + bytes(4)
+
+
+@pytest.mark.parametrize("attrs, fragment", [
+    ((nla(10, b"\0\1"),), "attribute type 10 has 2 payload byte.s., expected 4"),
+    ((nla(10, BE32.pack(1)), nla(11, BE32.pack(1), length=40)), "runs 32 byte.s. past"),
+    ((nla(10, BE32.pack(1)), ATTR.pack(0, 11) + bytes(4)), "nla_len 0"),
+    ((nla(10, BE32.pack(1)), b"\0\0\0"), "3 byte.s. left before the end"),
+])
+def test_cpu_stats_attribute_checks(attrs, fragment):
+    ct = CtnetlinkSocket.from_socket(FakeNetlink(cpu_reply(*attrs)))
+    with pytest.raises(MalformedMessage, match=fragment):
+        ct.cpu_stats()
+
+
+def test_cpu_stats_skips_unknown_and_retired_counters():
+    reply = cpu_reply(nla(1, BE32.pack(5)), nla(99, bytes(12)), nla(10, BE32.pack(3)))
+    assert CtnetlinkSocket.from_socket(FakeNetlink(reply)).cpu_stats() == {"drop": 3}
+
+
+# -- attributes: conntrack entries
+
+@pytest.mark.parametrize("data, fragment", [
+    # top level
+    (entry(nla(C.CTA_STATUS, b"\0\0")), "attribute type 3 has 2 payload byte.s., expected 4"),
+    (entry(nla(C.CTA_MARK, b"")), "attribute type 8 has 0 payload"),
+    (entry(nla(C.CTA_TIMEOUT, b"\0")), "attribute type 7 has 1 payload"),
+    (message(CT_NEW, tuple_v4() + nla(C.CTA_ID, b"\0\0\0")), "attribute type 12 has 3 payload"),
+    (entry(nla(C.CTA_ZONE, b"\5")), "attribute type 18 has 1 payload byte.s., expected 2"),
+    (entry(nla(31, bytes(4), length=64)), "attribute type 31 .nla_len 64. runs"),
+    (entry(ATTR.pack(3, 31) + bytes(4)), "nla_len 3 of attribute type 31"),
+    (message(CT_NEW, tuple_v4() + nla(C.CTA_ID, BE32.pack(7)) + b"\0\0"), "2 byte.s. left before the end"),
+    # nests and what is in them
+    (entry(orig=nest(C.CTA_TUPLE_ORIG, nest(C.CTA_TUPLE_IP, nla(1, b"\x7f\0\0\1"), nla(2, b"\x7f\0\0\2", length=12)))),
+     "attribute type 2 .nla_len 12. runs 4 byte.s. past the end of its message or nest"),
+    (entry(orig=nest(C.CTA_TUPLE_ORIG, nest(C.CTA_TUPLE_IP, nla(1, b"\x7f\0\0\1"), nla(2, b"\x7f\0\0\2")) + b"\0\0")),
+     "2 byte.s. left before the end"),
+    (entry(orig=nest(C.CTA_TUPLE_ORIG, nest(C.CTA_TUPLE_IP, nla(1, b"\x7f\0\0\1"), nla(2, b"\x7f\0\0\2"), b"\0\0"))),
+     "2 byte.s. left before the end"),
+    (entry(orig=nest(C.CTA_TUPLE_ORIG, nest(C.CTA_TUPLE_IP, nla(1, b"\x7f\0\0\1"), nla(2, b"\x7f\0\0\2")),
+                     nla(C.NLA_F_NESTED | C.CTA_TUPLE_PROTO, nla(1, b"\x11"), length=20))),
+     "attribute type 2 .nla_len 20. runs 8 byte.s. past"),
+    (entry(orig=tuple_v4(proto=(nla(1, b"\x11"), nla(3, BE16.pack(1), length=24)))), "attribute type 3 .nla_len 24. runs"),
+    (entry(orig=tuple_v4(proto=(nla(1), nla(3, BE16.pack(1))))), "attribute type 1 has 0 payload byte.s., expected 1"),
+    (entry(orig=tuple_v4(proto=(nla(1, b"\6"), nla(3, b"\1")))), "attribute type 3 has 1 payload byte.s., expected 2"),
+    (entry(orig=tuple_v4(extra=nla(C.CTA_TUPLE_ZONE, b"\1"))), "attribute type 3 has 1 payload byte.s., expected 2"),
+    (entry(nest(C.CTA_PROTOINFO, nest(1, nla(1, b"\3", length=12)))), "attribute type 1 .nla_len 12. runs"),
+    (entry(nest(C.CTA_PROTOINFO, nest(1, nla(1)))), "attribute type 1 has 0 payload byte.s., expected 1"),
+    (entry(nest(C.CTA_PROTOINFO, nla(1, b"\3", length=16))), "attribute type 1 .nla_len 16. runs"),
+    (entry(nla(C.NLA_F_NESTED | C.CTA_PROTOINFO, b"\0\0", pad=False) + b"\0\0"), "2 byte.s. left before"),
+    # what the sweeps rely on: both addresses, of the entry's family
+    (entry(orig=tuple_v4(src=b"\x7f\0\1")), "lacks its 4-byte source and destination"),
+    (entry(orig=nest(C.CTA_TUPLE_ORIG, nest(C.CTA_TUPLE_PROTO, nla(1, b"\x11")))), "lacks its 4-byte"),
+    (entry(family=10), "lacks its 16-byte source"),
+    (entry(family=7), "family 7, neither AF_INET nor AF_INET6"),
+])
+def test_entry_attribute_checks(fresh_layouts, data, fragment):
+    refused(data, fragment)
+
+
+@pytest.mark.parametrize("first_attr, at, length, fragment", [
+    (nla(C.CTA_STATUS, BE32.pack(8)), 0, 64, "attribute type 3 .nla_len 64. runs"),
+    # a protoinfo that is not TCP: its first header is checked, so it must be matched
+    (nest(C.CTA_PROTOINFO, nla(2, b"\1")), 4, 12, "attribute type 2 .nla_len 12. runs"),
+])
+def test_entry_attribute_checks_hold_behind_a_learnt_layout(fresh_layouts, first_attr, at, length, fragment):
+    # Same length, same family, one header changed: the compiled layout must
+    # send it to the checking walk, not read it.
+    good = entry(first_attr)
+    decode_entries(good)
+    assert C._SHAPES
+    bad = bytearray(good)
+    struct.pack_into("=H", bad, 20 + len(tuple_v4()) + at, length)
+    refused(bytes(bad), fragment)
+
+
+def test_entries_skip_unknown_attributes(fresh_layouts):
+    (e,) = decode_entries(entry(nla(31, bytes(5)), nest(30, nla(1, b"x")), nla(C.CTA_MARK, BE32.pack(0x42))))
+    assert (e.mark, e.dport, e.id) == (0x42, 20000, 7)
+
+
+def test_a_key_without_padding_is_padded(fresh_layouts):
+    # The original tuple's last attribute unpadded: the nest ends off a
+    # 4-byte boundary. The key goes into requests with CTA_ID after it.
+    orig = nest(C.CTA_TUPLE_ORIG, nest(C.CTA_TUPLE_IP, nla(1, b"\x7f\0\0\1"), nla(2, b"\x7f\0\0\2")),
+                nest(C.CTA_TUPLE_PROTO, nla(1, b"\x11"), nla(3, BE16.pack(20000), pad=False), pad=False), pad=False)
+    assert len(orig) % 4 == 2
+    (e,) = decode_entries(message(CT_NEW, orig + b"\0\0" + nla(C.CTA_ID, BE32.pack(7))))
+    assert len(e.key) % 4 == 0 and e.dport == 20000
+    top = attrs(encode_delete(e, 1), 20, len(encode_delete(e, 1)))
+    assert [t for t, _ in top] == [C.CTA_TUPLE_ORIG, C.CTA_ID]
+
+
+# -- dumps
+
+def test_a_malformed_dump_chunk_raises_and_frees_the_socket(fresh_layouts):
+    bad = bytearray(DUMP)
+    struct.pack_into("=I", bad, 180, 5000)  # the second message claims more than was received
+    fake = FakeNetlink(bytes(bad), None, STATS)
+    ct = CtnetlinkSocket.from_socket(fake)
+    seen = []
+    with pytest.raises(MalformedMessage, match="offset 180: nlmsg_len 5000 runs past"):
+        for e in ct.dump():
+            seen.append(e)
+    assert len(seen) == 1
+    # The NLMSG_DONE may have been in the unreadable rest: the drain must not wait for one.
+    assert fake.flags[-1] & socket.MSG_DONTWAIT
+    assert not ct._dump_active
+    assert ct.stats() == (6, 262144)
+
+
+def test_a_dump_left_in_its_last_chunk_does_not_wait_for_another(fresh_layouts):
+    fake = FakeNetlink(DUMP)  # every entry and the NLMSG_DONE in one chunk
+    ct = CtnetlinkSocket.from_socket(fake)
+    dump = ct.dump()
+    entries = iter(dump)
+    next(entries)
+    entries.close()  # FakeNetlink fails a blocking read of nothing
+    assert dump.done and not ct._dump_active
+    assert len(fake.flags) == 1
+
+
+def test_evict_fails_on_a_malformed_dump_as_on_any_ctnetlink_error(fresh_layouts):
+    from conntrack_agent import evict
+
+    bad = bytearray(DUMP)
+    struct.pack_into("=H", bad, 20, 2)  # the first entry's first attribute: nla_len 2
+    # stats, collect_errors (nothing queued), the dump (read to its NLMSG_DONE
+    # past the bad entry, whose length is intact), stats again.
+    fake = FakeNetlink(STATS, None, bytes(bad), STATS)
+    ct = CtnetlinkSocket.from_socket(fake)
+    with pytest.raises(CtnetlinkError) as exc:
+        evict.evict(ct, evict.EvictSpec(protocols=("udp",)), dry_run=True, kernel_filter=False)
+    # An OSError the executor reports, not a rejected dump filter to fall back from.
+    assert isinstance(exc.value, (OSError, MalformedMessage))
+    assert exc.value.errno not in (errno.EOPNOTSUPP, errno.EINVAL)
+    assert ct.stats() == (6, 262144)
+
+
+def test_the_sampler_drops_a_namespace_whose_replies_are_malformed():
+    from conntrack_agent.sampler import Sampler
+
+    class Probe:
+        closed = False
+
+        def read(self, now, counters=False):
+            raise MalformedMessage(0, "nlmsg_len 3 is shorter than the message header")
+
+        def close(self):
+            self.closed = True
+
+    sampler = Sampler(("",), 1.0)
+    probe = sampler.probes[""] = Probe()
+    assert sampler.sample() is None
+    assert probe.closed and "" not in sampler.probes
+    assert "nlmsg_len 3" in sampler.unavailable[""]

@@ -33,6 +33,9 @@ class FakeAgent:
     def snapshot(self):
         return self._snapshot
 
+    def report(self):
+        return {"owned": [{"name": "nf_conntrack_max", "original": 1009, "applied": 2018}], "rules": []}
+
     def evaluate(self):
         return self._evaluate()
 
@@ -55,6 +58,7 @@ def test_properties_come_from_the_snapshot() -> None:
     assert (obj.Usage, obj.FillRate, obj.TimeToFull) == (0.157, 120.0, -1.0)
     assert (obj.LastDecision, obj.PolicyPath, obj.DryRun) == ("raise_max 1→2: r", "/etc/p.toml", True)
     assert _obj(FakeAgent({"time_to_full": 12.5})).TimeToFull == 12.5
+    assert json.loads(obj.Report)["owned"][0]["original"] == 1009
 
 
 def test_methods_refuse_non_root_callers() -> None:
@@ -135,6 +139,8 @@ class Agent:
         return {"count": 5000, "max": 8192, "buckets": 8192, "usage": 0.61, "fill_rate": 42.0,
                 "time_to_full": 76.2, "last_decision": "raise_max 4096→8192: busy", "policy_path": "/p.toml",
                 "dry_run": False}
+    def report(self):
+        return {"owned": [{"name": "nf_conntrack_max", "original": 4096, "applied": 8192}], "rules": []}
     def evaluate(self):
         return [Decision("raise_max", "grow-table", "usage 61%", "", False, 8192, 16384)]
 
@@ -206,6 +212,7 @@ def test_on_a_bus_anyone_reads_root_calls_and_decisions_are_signalled(private_bu
         assert server.stdout.readline().strip() == "ready"
         out = json.loads(subprocess.run([sys.executable, "-c", _CLIENT], env=private_bus, capture_output=True,
                                         text=True, timeout=30, check=True).stdout)
+        assert json.loads(out["snapshot"].pop("report"))["owned"][0]["original"] == 4096
         assert out["snapshot"] == {"count": 5000, "max": 8192, "buckets": 8192, "usage": 0.61, "fill_rate": 42.0,
                                    "time_to_full": 76.2, "last_decision": "raise_max 4096→8192: busy",
                                    "policy_path": "/p.toml", "dry_run": False}
@@ -327,8 +334,10 @@ def test_property_reads_are_answered_from_one_snapshot_per_tick() -> None:
            for _ in range(100)]
     assert Counting.calls == 1
     assert all(reply is getall[0] for reply in getall) and all(reply is get[0] for reply in get)
-    assert getall[0].unpack() == ({"Count": 1, "Max": 8192, "Buckets": 0, "Usage": 0.5, "FillRate": 0.0,
-                                   "TimeToFull": -1.0, "LastDecision": "", "PolicyPath": "", "DryRun": False},)
+    props = getall[0].unpack()[0]
+    assert json.loads(props.pop("Report"))["owned"][0]["applied"] == 2018
+    assert props == {"Count": 1, "Max": 8192, "Buckets": 0, "Usage": 0.5, "FillRate": 0.0,
+                     "TimeToFull": -1.0, "LastDecision": "", "PolicyPath": "", "DryRun": False}
     assert get[0].unpack() == (8192,) and obj.Count == 1
     obj.invalidate()  # what the supervisor does after each tick
     assert obj.call(None, dbus_service.PROPERTIES_INTERFACE, "GetAll", GETALL).unpack()[0]["Count"] == 2

@@ -11,7 +11,7 @@ import pytest
 from conntrack_agent import config, model
 from conntrack_agent import decisions as core
 from conntrack_agent.config import Policy, Rule, Trigger
-from conntrack_agent.decisions import Decision, Environment, Memory, decide
+from conntrack_agent.decisions import Decision, Environment, Memory, Outcome, Owned, decide
 
 GiB = 1 << 30
 ENV = Environment(mem_total=16 * GiB, entry_bytes=256)
@@ -34,21 +34,68 @@ class Table:
         return model.combine((reading,), (self.tracker.update(reading),))
 
 
+class Ledger:
+    """What the executor and the journal would make of decisions, for the pure core:
+    the owned records, kept as the journal keeps them (first original wins)."""
+
+    def __init__(self, table: Optional[Table] = None, owned: Sequence[Owned] = ()):
+        self.table = table
+        self.owned: Dict[Tuple[str, str], Owned] = {(o.netns, o.name): o for o in owned}
+
+    def apply(self, d: Decision, pol: Policy) -> Outcome:
+        if not d.is_action:
+            for o in d.restores:
+                self.owned.pop((o.netns, o.name), None)
+            return Outcome(applied=False)
+        if d.dry_run:
+            return Outcome(applied=False)
+        if d.undo:
+            for o in d.restores:
+                self.owned.pop((o.netns, o.name), None)
+                if o.name == "nf_conntrack_max" and self.table is not None:
+                    self.table.max = o.original
+            return Outcome(applied=True)
+        rule = next((r for r in pol.rules if r.name == d.rule), None)
+        if d.kind in ("raise_max", "resize_buckets"):
+            name = "nf_conntrack_max" if d.kind == "raise_max" else "nf_conntrack_buckets"
+            spec = rule.raise_max if rule is not None else None
+            keep = not (spec is None or spec.raise_only)
+            self._record("", name, d.kind, d.old, d.new, d.rule, spec.restore_after if keep else None,
+                         spec.restore_below if keep else None)
+            if self.table is not None:
+                setattr(self.table, "max" if d.kind == "raise_max" else "buckets", d.new)
+        elif d.kind == "set_timeouts":
+            spec = rule.set_timeouts
+            for ns in d.targets:
+                for timeout, value in d.timeouts:
+                    self._record(ns, "nf_conntrack_" + timeout, d.kind, 10 ** 6, int(value), d.rule,
+                                 spec.restore_after, spec.restore_below)
+        return Outcome(applied=True, done=frozenset(d.targets))
+
+    def _record(self, netns, name, action, original, applied, rule, after, below) -> None:
+        existing = self.owned.get((netns, name))
+        if existing is not None:
+            original = existing.original
+        self.owned[(netns, name)] = Owned(netns, name, action, original, applied, rule, after, below)
+
+    def records(self) -> Tuple[Owned, ...]:
+        return tuple(self.owned.values())
+
+
 def run(pol: Policy, samples: Sequence[model.Sample], state: Optional[Memory] = None, env: Environment = ENV,
-        apply: Optional[Table] = None) -> Tuple[List[Tuple[float, Decision]], Memory]:
-    """Decide on each sample; with `apply`, actions change the fake table like the executor would."""
+        apply: Optional[Table] = None, ledger: Optional[Ledger] = None) -> Tuple[List[Tuple[float, Decision]], Memory]:
+    """Decide on each sample; actions change the ledger (and with `apply`, the fake table)
+    as the executor would."""
     state = state or Memory()
+    acting = apply is not None or ledger is not None
+    ledger = ledger or Ledger(apply)
     out = []
     for sample in samples:
-        decisions, state = decide(sample, pol, state, env)
+        decisions, state = decide(sample, pol, state, env, ledger.records())
         for d in decisions:
             out.append((sample.time, d))
-            applied = apply is not None and d.is_action and not d.dry_run
-            state = core.after_outcome(state, d, applied=applied, lost_capability=False)
-            if apply is not None and d.kind in ("raise_max", "restore_max") and not d.dry_run:
-                apply.max = d.new
-            if apply is not None and d.kind == "resize_buckets" and not d.dry_run:
-                apply.buckets = d.new
+            outcome = ledger.apply(d, pol) if acting else Outcome(applied=False)
+            state = core.after_outcome(state, d, outcome, sample.time)
     return out, state
 
 
@@ -106,17 +153,16 @@ def test_storm_with_growth_never_reaches_full():
     table = Table(100_000)
     peak = 0.0
     state = Memory()
+    ledger = Ledger(table)
     count = 50_000.0
     t = 0.0
     while t < 4.0:
         count += 25_000 * 0.05                      # +25k entries/s against an initial max of 100k
         sample = table.sample(t, int(count))
         peak = max(peak, sample.usage)
-        decisions, state = decide(sample, DEFAULT, state, ENV)
+        decisions, state = decide(sample, DEFAULT, state, ENV, ledger.records())
         for d in decisions:
-            state = core.after_outcome(state, d, True, False)
-            if d.kind == "raise_max":
-                table.max = d.new
+            state = core.after_outcome(state, d, ledger.apply(d, DEFAULT), sample.time)
         t += core.next_interval(sample, DEFAULT, state)
     assert peak < 0.9
     assert table.max > 100_000
@@ -268,7 +314,7 @@ def test_action_cap_per_tick():
 
 def test_lost_capability_is_not_proposed():
     table = Table(1000)
-    fired = run(only(GROW_THRESHOLD), [table.sample(0, 900)], state=Memory(lost=frozenset({"max"})))[0]
+    fired = run(only(GROW_THRESHOLD), [table.sample(0, 900)], state=Memory(lost=frozenset({("max", "")})))[0]
     assert fired == []
 
 
@@ -296,20 +342,24 @@ def test_buckets_untouched_when_the_agent_owns_no_max():
 # ---------------------------------------------------------------------------- external writers
 
 
+OWNED_MAX = Owned("", "nf_conntrack_max", "raise_max", 4000, 8000, "t")
+
+
 def test_external_change_backs_off_by_default():
     table = Table(5000)
-    state = Memory(owned_max=8000)
-    fired, state = run(only(GROW_THRESHOLD), [table.sample(0, 10)], state=state)
+    ledger = Ledger(owned=[OWNED_MAX])
+    fired, state = run(only(GROW_THRESHOLD), [table.sample(0, 10)], ledger=ledger)
     assert [d.kind for _, d in fired] == ["external_change"]
-    assert "8000 to 5000" in fired[0][1].reason and state.owned_max is None
+    assert "8000 to 5000" in fired[0][1].reason and ledger.records() == ()
 
 
 def test_external_change_reasserted_when_asked():
     table = Table(5000, buckets=8000)
     pol = only(GROW_THRESHOLD, on_external_change="reassert")
-    fired, state = run(pol, [table.sample(0, 10)], state=Memory(owned_max=8000))
+    ledger = Ledger(table, owned=[OWNED_MAX])
+    fired, state = run(pol, [table.sample(0, 10)], ledger=ledger)
     assert [(d.kind, d.new) for _, d in fired] == [("external_change", 5000), ("raise_max", 8000)]
-    assert state.owned_max == 8000
+    assert [(o.applied, o.original) for o in ledger.records()] == [(8000, 4000)]
 
 
 # ---------------------------------------------------------------------------- timeouts
@@ -327,7 +377,7 @@ def test_timeouts_set_once_then_restored_after_calm_hysteresis():
                table.sample(10, 500), table.sample(40, 500),    # calm for 30s
                table.sample(45, 700),                           # a blip above restore_below resets calm
                table.sample(50, 500), table.sample(100, 500), table.sample(110, 500)]
-    fired = run(only(TIMEOUTS), samples)[0]
+    fired = run(only(TIMEOUTS), samples, ledger=Ledger())[0]
     assert [(t, d.kind) for t, d in fired] == [(0, "set_timeouts"), (110, "restore_timeouts")]
     assert fired[0][1].timeouts == (("udp_timeout", 10.0),)
 
@@ -336,14 +386,14 @@ def test_drops_keep_timeouts_shortened():
     table = Table(1000)
     samples = [table.sample(0, 950), table.sample(10, 100), table.sample(100, 100, drop=3),
                table.sample(150, 100)]
-    fired = run(only(TIMEOUTS), samples)[0]
+    fired = run(only(TIMEOUTS), samples, ledger=Ledger())[0]
     assert [d.kind for _, d in fired] == ["set_timeouts"]  # drops at 100 restarted the calm clock
 
 
 def test_max_restored_only_when_not_raise_only():
     rule = replace(GROW_THRESHOLD, raise_max=config.RaiseMax(raise_only=False, restore_after=10.0,
                                                              restore_below=0.5))
-    env = replace(ENV, originals={"nf_conntrack_max": 1000})
+    env = ENV
     table = Table(1000)
     fired = run(only(rule), (table.sample(t, c) for t, c in ((0, 900), (5, 100), (16, 100))),
                 env=env, apply=table)[0]

@@ -8,6 +8,7 @@ validates the manifests against the Kubernetes API schemas.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -159,3 +160,193 @@ def test_state_file_is_on_the_node(pod, agent):
     assert volume["hostPath"]["path"] == str(state_file.parent)
     assert volume["hostPath"]["type"] == "DirectoryOrCreate"
     assert not volume["mount"].get("readOnly")
+
+
+# --------------------------------------------------------------------------- monitoring options
+#
+# The base above applies on any cluster. The monitoring options live in
+# directories of their own, because they need the Prometheus Operator's CRDs:
+#   components/prometheusrule/  the alert rules as a PrometheusRule (a kustomize Component)
+#   textfile/                   overlay: the agent's textfile on a hostPath node-exporter reads
+#   podmonitor/                 overlay: the agent's /metrics port and a PodMonitor
+# No kustomize binary is available offline here, so render() below does what
+# kustomize does for the subset these files use (resources, components,
+# strategic-merge patches by kind and name) and refuses anything else: a new
+# kustomize feature in these files fails the test instead of being half-checked.
+
+PROMETHEUS = ROOT / "packaging" / "prometheus"
+TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"  # Debian's node-exporter default; where the agent writes
+METRICS_PORT = 9469
+MONITORING = "monitoring.coreos.com/v1"
+_RENDERED_FIELDS = {"apiVersion", "kind", "resources", "components", "patches"}
+
+
+def _merge(base: Any, patch: Any) -> Any:
+    """A strategic merge patch, for the fields used here: maps merge, lists of
+    named items (containers, volumes, volumeMounts) and ports merge by their key,
+    other lists and scalars are replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        out = dict(base)
+        for key, value in patch.items():
+            out[key] = _merge(base[key], value) if key in base else value
+        return out
+    if isinstance(base, list) and isinstance(patch, list) and all(isinstance(i, dict) for i in base + patch):
+        key = "name" if all("name" in i for i in base + patch) else \
+            "containerPort" if all("containerPort" in i for i in base + patch) else None
+        if key:
+            out = list(base)
+            for item in patch:
+                found = [n for n, b in enumerate(out) if b[key] == item[key]]
+                if found:
+                    out[found[0]] = _merge(out[found[0]], item)
+                else:
+                    out.append(item)
+            return out
+    return patch
+
+
+def render(directory: Path) -> List[Dict[str, Any]]:
+    """The objects `kustomize build directory` would produce (see above)."""
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    assert set(kustomization) <= _RENDERED_FIELDS, "render() does not know %s" % (set(kustomization) - _RENDERED_FIELDS)
+    docs: List[Dict[str, Any]] = []
+    for resource in kustomization.get("resources", []):
+        path = (directory / resource).resolve()
+        if path.is_dir():
+            docs += render(path)
+        else:
+            assert path.parent == directory.resolve(), "kustomize loads files only inside %s: %s" % (directory, resource)
+            docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    patches = [directory / p["path"] for p in kustomization.get("patches", [])]
+    for component in kustomization.get("components", []):
+        path = (directory / component).resolve()
+        inner = yaml.safe_load((path / "kustomization.yaml").read_text())
+        assert inner["kind"] == "Component" and inner["apiVersion"] == "kustomize.config.k8s.io/v1alpha1", component
+        assert set(inner) <= _RENDERED_FIELDS, component
+        for resource in inner.get("resources", []):
+            docs += [d for d in yaml.safe_load_all((path / resource).read_text()) if d]
+        patches += [path / p["path"] for p in inner.get("patches", [])]
+    for patch_path in patches:
+        patch = yaml.safe_load(patch_path.read_text())
+        targets = [n for n, d in enumerate(docs) if d["kind"] == patch["kind"]
+                   and d["metadata"]["name"] == patch["metadata"]["name"]
+                   and d["metadata"].get("namespace") == patch["metadata"].get("namespace")]
+        assert len(targets) == 1, "%s patches nothing" % patch_path
+        docs[targets[0]] = _merge(docs[targets[0]], patch)
+    return docs
+
+
+def _kind(docs: List[Dict[str, Any]], kind: str) -> Dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind]
+    assert len(found) == 1, "expected one %s, found %d" % (kind, len(found))
+    return found[0]
+
+
+def _container(daemonset: Dict[str, Any]) -> Dict[str, Any]:
+    (container,) = daemonset["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def test_render_merges_like_kustomize():
+    # the emulation itself: named items merge, new ones append, scalars replace
+    base = {"spec": {"containers": [{"name": "a", "image": "x", "volumeMounts": [{"name": "v", "mountPath": "/v"}]}],
+                     "volumes": [{"name": "v", "emptyDir": {}}]}}
+    patch = {"spec": {"containers": [{"name": "a", "image": "y", "volumeMounts": [{"name": "w", "mountPath": "/w"}]}],
+                      "volumes": [{"name": "w", "hostPath": {"path": "/w"}}]}}
+    merged = _merge(base, patch)
+    assert merged["spec"]["containers"] == [{"name": "a", "image": "y", "volumeMounts": [
+        {"name": "v", "mountPath": "/v"}, {"name": "w", "mountPath": "/w"}]}]
+    assert [v["name"] for v in merged["spec"]["volumes"]] == ["v", "w"]
+    assert _merge([{"containerPort": 1, "name": "p"}], [{"containerPort": 2, "name": "q"}]) == \
+        [{"containerPort": 1, "name": "p"}, {"containerPort": 2, "name": "q"}]
+    by_kind = lambda docs: sorted(docs, key=lambda d: d["kind"])  # noqa: E731
+    assert by_kind(render(KUBE)) == by_kind(_documents())  # the base renders to its own files
+
+
+def test_base_stays_free_of_the_operators_crds():
+    # `kubectl apply -k packaging/kubernetes` must work on a cluster without the Prometheus Operator
+    assert all(d["apiVersion"] != MONITORING for d in render(KUBE))
+
+
+def test_prometheusrule_is_the_rules_file():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("prometheusrule", PROMETHEUS / "prometheusrule.py")
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    manifest = KUBE / "components" / "prometheusrule" / "prometheusrule.yaml"
+    assert generator.MANIFEST == manifest
+    rules_text = (PROMETHEUS / "conntrack-agent.rules.yml").read_text()
+    # text: what the generator writes, comments included (run it after editing the rules)
+    assert manifest.read_text() == generator.render(rules_text), \
+        "out of date: python3 packaging/prometheus/prometheusrule.py"
+    rule = yaml.safe_load(manifest.read_text())
+    assert rule["spec"] == yaml.safe_load(rules_text)  # and the same rules once parsed
+    assert (rule["apiVersion"], rule["kind"]) == (MONITORING, "PrometheusRule")
+    assert rule["metadata"]["namespace"] == _one("Namespace")["metadata"]["name"]
+    # and the check mode notices a stale manifest
+    assert generator.render(rules_text.replace("severity: critical", "severity: page")) != manifest.read_text()
+
+
+@pytest.mark.parametrize("overlay", ["textfile", "podmonitor"])
+def test_overlays_are_the_base_plus_the_rules(overlay):
+    docs = render(KUBE / overlay)
+    base = render(KUBE)
+    kinds = sorted(d["kind"] for d in docs)
+    extra = {"textfile": ["PrometheusRule"], "podmonitor": ["PodMonitor", "PrometheusRule"]}[overlay]
+    assert kinds == sorted([d["kind"] for d in base] + extra)
+    namespace = _one("Namespace")["metadata"]["name"]
+    for doc in docs:
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == namespace, doc["kind"]
+    # nothing but the DaemonSet changed, and the agent's command line did not
+    for doc in docs:
+        if doc["kind"] in ("Namespace", "ConfigMap"):
+            assert doc in base
+    assert _container(_kind(docs, "DaemonSet"))["args"] == _container(_kind(base, "DaemonSet"))["args"]
+
+
+def test_textfile_overlay_shares_the_directory_with_node_exporter():
+    daemonset = _kind(render(KUBE / "textfile"), "DaemonSet")
+    pod = daemonset["spec"]["template"]["spec"]
+    volume = _mount(_container(daemonset), pod, TEXTFILE_DIR)  # where the agent writes its .prom file
+    assert volume["hostPath"] == {"path": TEXTFILE_DIR, "type": "DirectoryOrCreate"}
+    assert not volume["mount"].get("readOnly")  # the agent writes there; its root file system is read-only
+    # the node-exporter side: the same host directory, read by the textfile collector
+    values = yaml.safe_load((KUBE / "textfile" / "node-exporter-values.yaml").read_text())
+    (mount,) = [m for m in values["extraHostVolumeMounts"] if m["hostPath"] == TEXTFILE_DIR]
+    assert "--collector.textfile.directory=%s" % mount["mountPath"] in values["extraArgs"]
+    assert mount["readOnly"] is True
+
+
+def test_podmonitor_scrapes_the_agent_pods_as_the_rules_expect():
+    docs = render(KUBE / "podmonitor")
+    daemonset = _kind(docs, "DaemonSet")
+    monitor = _kind(docs, "PodMonitor")
+    assert monitor["apiVersion"] == MONITORING
+    pod_labels = daemonset["spec"]["template"]["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert monitor["spec"]["namespaceSelector"]["matchNames"] == [daemonset["metadata"]["namespace"]]
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    ports = {p["name"]: p for p in _container(daemonset)["ports"]}
+    assert ports[endpoint["port"]]["containerPort"] == METRICS_PORT and endpoint["path"] == "/metrics"
+    # job: the value of the pod label jobLabel names; ConntrackAgentDown watches up{job="conntrack-agent"}
+    job = pod_labels[monitor["spec"]["jobLabel"]]
+    rules = yaml.safe_load((PROMETHEUS / "conntrack-agent.rules.yml").read_text())
+    (down,) = [r for g in rules["groups"] for r in g["rules"] if r.get("alert") == "ConntrackAgentDown"]
+    assert 'up{job="%s"}' % job in down["expr"]
+    # instance: the node's name, one per node for the dashboard's node variable
+    assert {"sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "instance",
+            "action": "replace"} in endpoint["relabelings"]
+
+
+@pytest.mark.parametrize("overlay", ["textfile", "podmonitor"])
+def test_patched_daemonset_matches_the_api_schema(overlay):
+    try:
+        import kubernetes_validate
+    except ImportError as exc:  # in the test extra; not in the deb build's environment
+        if os.environ.get("CI"):
+            pytest.fail("%s (pip install kubernetes-validate)" % exc, pytrace=False)
+        pytest.skip(str(exc))
+    for doc in render(KUBE / overlay):
+        if doc["apiVersion"] != MONITORING:  # CRDs: no schema offline, checked above
+            kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -170,6 +171,8 @@ class FakeAgent:
         self.decision_listeners: List[Any] = []
         self.policy_label = "policy A"
         self.clock = clock
+        self.policy = config.loads(b"")
+        self.sampler = types.SimpleNamespace(unavailable={})
 
     def start(self):
         self.calls.append("start")
@@ -569,6 +572,10 @@ class Agent:
     log = logsetup.get_logger()
     decision_listeners = []
     policy_label = "policy A"
+    from conntrack_agent import config
+    policy = config.loads(b"")
+    import types
+    sampler = types.SimpleNamespace(unavailable={})
     def __init__(self):
         self.reloads = [lambda: int("x"), recurse, self.denied, self.io_error, self.valid]
     def denied(self):

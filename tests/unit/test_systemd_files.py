@@ -54,7 +54,7 @@ def test_catalog_substitutes_only_fields_the_entries_carry() -> None:
         name = by_id[message_id]
         placeholders = {f for _, f, _, _ in string.Formatter().parse(events.EVENTS[name].template) if f}
         carried = (set(journald.FIELDS.values()) | {journald.field_name(p) for p in placeholders}
-                   | set(journald.OLD_NEW.get(name, ())))
+                   | set(events.EVENTS[name].old_new or ()))
         for field in re.findall(r"@([A-Z0-9_]+)@", text):
             assert field in carried, "%s: @%s@ is not a field of %s entries" % (message_id, field, name)
 

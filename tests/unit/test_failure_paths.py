@@ -1,0 +1,403 @@
+"""The agent's promises on the failure paths, on the in-memory fake kernel (no root).
+
+Each test drives the real Agent (sampler, decision core, executor, actions,
+change journal on disk) through the kernel seam; only the kernel is fake.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import pytest
+
+from conntrack_agent import config, service
+from conntrack_agent.journal import ChangeJournal
+
+from fakekernel import Killed, FakeKernel
+
+UDP = "nf_conntrack_udp_timeout"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Events:
+    """A logger that keeps (kind, fields) for every event."""
+
+    def __init__(self) -> None:
+        self.items: List[Tuple[str, Dict[str, Any]]] = []
+
+    def log(self, _level: int, kind: str, **fields: Any) -> None:
+        self.items.append((kind, fields))
+
+    def kinds(self) -> List[str]:
+        return [k for k, _ in self.items]
+
+    def of(self, kind: str) -> List[Dict[str, Any]]:
+        return [f for k, f in self.items if k == kind]
+
+
+SHORTEN = """
+[agent]
+namespaces = {namespaces}
+state_file = "{state}"
+fast_interval = "50ms"
+
+[[rule]]
+name = "{name}"
+action = "set_timeouts"
+enabled = {enabled}
+cooldown = "1s"
+[rule.trigger]
+usage_at_least = 0.5
+[rule.set_timeouts]
+values = {{ udp_timeout = "10s" }}
+restore_after = "3s"
+restore_below = 0.3
+
+[[rule]]
+name = "shorten-timeouts"   # the built-in one sets udp_timeout too: it would adopt the changes
+enabled = false
+"""
+
+
+class Rig:
+    def __init__(self, tmp_path: Path, kernel: Optional[FakeKernel] = None, namespaces: Tuple[str, ...] = ()):
+        self.tmp = tmp_path
+        self.kernel = kernel or FakeKernel(maximum=1000)
+        for name in namespaces:
+            if name not in self.kernel.namespaces:
+                self.kernel.add_namespace(name)
+        self.namespaces = namespaces
+        self.state = tmp_path / "state.json"
+        self.policy = tmp_path / "policy.toml"
+        self.clock = Clock()
+        self.events = Events()
+        self.agent: Optional[service.Agent] = None
+
+    def write_policy(self, name: str = "shorten", enabled: bool = True, text: Optional[str] = None) -> None:
+        ns = json.dumps(list(self.namespaces))
+        self.policy.write_text(text if text is not None else
+                               SHORTEN.format(namespaces=ns, state=self.state, name=name,
+                                              enabled=str(enabled).lower()))
+
+    def start(self) -> service.Agent:
+        self.agent = service.Agent(str(self.policy), False, self.events, clock=self.clock, kernel=self.kernel)
+        self.agent.start()
+        return self.agent
+
+    def set_count(self, count: int, netns: str = "") -> None:
+        self.kernel.namespaces[netns].count = count
+
+    def run_for(self, seconds: float, step: float = 0.25) -> None:
+        end = self.clock.now + seconds
+        while self.clock.now < end:
+            self.agent.tick()
+            self.clock.now += step
+
+    def journal(self) -> ChangeJournal:
+        journal = ChangeJournal(str(self.state))
+        journal.load(quarantine=False)
+        return journal
+
+    def udp(self, netns: str = "") -> int:
+        return self.kernel.value(netns, UDP)
+
+
+# ---------------------------------------------------------------------- rules that go away
+
+
+def test_a_rule_disabled_by_reload_has_its_timeouts_restored_once_calm(tmp_path):
+    rig = Rig(tmp_path)
+    rig.write_policy()
+    rig.start()
+    rig.set_count(700)                      # 70%: the rule fires
+    rig.run_for(1)
+    assert rig.udp() == 10
+    rig.write_policy(enabled=False)
+    assert rig.agent.reload()
+    rig.set_count(0)                        # the table empties
+    rig.run_for(2)
+    assert rig.udp() == 10, "restored before the recorded calm period (3s)"
+    rig.run_for(2)
+    assert rig.udp() == 30
+    assert rig.journal().entries() == []
+    restored = rig.events.of("restore_timeouts")
+    assert restored and "no longer stands behind" in restored[-1]["reason"]
+
+
+def test_a_rule_renamed_while_the_agent_was_killed_has_its_timeouts_restored(tmp_path):
+    rig = Rig(tmp_path)
+    rig.write_policy(name="shorten")
+    rig.start()
+    rig.set_count(700)
+    rig.run_for(1)
+    assert rig.udp() == 10
+    # kill -9: no stop(), no restore; the journal on disk is all that survives.
+    rig.write_policy(name="shorten-renamed")
+    rig.start()
+    rig.set_count(0)
+    rig.run_for(4)
+    assert rig.udp() == 30
+    assert rig.journal().entries() == []
+
+
+def test_a_change_recorded_without_a_restore_condition_is_restored_at_once(tmp_path):
+    rig = Rig(tmp_path)
+    journal = ChangeJournal(str(rig.state))
+    journal.load()
+    token = journal.begin("", UDP, "set_timeouts", 30, 10, "gone-rule")
+    journal.confirm(token, 10)
+    rig.kernel.namespaces[""].sysctls[UDP] = 10
+    rig.write_policy(text=f'[agent]\nstate_file = "{rig.state}"\n[[rule]]\nname = "shorten-timeouts"\n'
+                          'enabled = false\n')
+    rig.start()
+    rig.set_count(900)                     # even under pressure: nothing says wait
+    rig.run_for(0.25)
+    assert rig.udp() == 30
+
+
+def test_an_orphaned_timeout_another_rule_also_shortens_is_adopted_not_flapped(tmp_path):
+    rig = Rig(tmp_path)
+    journal = ChangeJournal(str(rig.state))
+    journal.load()
+    journal.confirm(journal.begin("", UDP, "set_timeouts", 30, 10, "gone-rule", 60.0, 0.1), 10)
+    rig.kernel.namespaces[""].sysctls[UDP] = 10
+    rig.write_policy(name="other")          # sets udp_timeout 10s too, restore_after 3s below 30%
+    rig.start()
+    rig.run_for(0.5)
+    assert rig.udp() == 10 and UDP not in {name for _, name, _ in rig.kernel.writes}
+    owner = rig.journal().get("", UDP)
+    assert (owner.rule, owner.restore_after, owner.restore_below, owner.original) == ("other", 3.0, 0.3, 30)
+    assert rig.events.of("change_adopted")
+    rig.run_for(4)                          # calm by the new owner's condition
+    assert rig.udp() == 30
+
+
+def test_a_raised_max_whose_rule_is_gone_waits_until_the_count_fits_the_original(tmp_path):
+    kernel = FakeKernel(maximum=2000)
+    rig = Rig(tmp_path, kernel)
+    journal = ChangeJournal(str(rig.state))
+    journal.load()
+    journal.confirm(journal.begin("", "nf_conntrack_max", "raise_max", 1000, 2000, "old-grow"), 2000)
+    rig.write_policy(text=f'[agent]\nstate_file = "{rig.state}"\n[[rule]]\nname = "grow-table"\nenabled = false\n')
+    rig.start()
+    rig.set_count(800)                     # 80% of the original: lowering it would drop connections
+    rig.run_for(1)
+    assert kernel.globals["nf_conntrack_max"] == 2000
+    rig.set_count(100)
+    rig.run_for(1)
+    assert kernel.globals["nf_conntrack_max"] == 1000
+    assert [(f["old"], f["new"]) for f in rig.events.of("restore_max")] == [(2000, 1000)]
+
+
+# ---------------------------------------------------------------------- retries and capabilities
+
+
+def test_a_failed_set_timeouts_is_retried_after_the_cooldown(tmp_path):
+    rig = Rig(tmp_path)
+    rig.write_policy()
+    rig.kernel.refuse("", UDP, errno.EIO, once=True)
+    rig.start()
+    rig.set_count(700)
+    rig.run_for(0.5)
+    assert rig.udp() == 30
+    failed = rig.events.of("action_failed")
+    assert len(failed) == 1 and "will retry" in failed[0]["consequence"]
+    rig.run_for(1.0)                       # the rule's cooldown is 1s
+    assert rig.udp() == 10
+
+
+def test_a_missing_namespace_never_turns_timeouts_off_elsewhere(tmp_path):
+    rig = Rig(tmp_path, namespaces=("a", "b"))
+    rig.write_policy()
+    rig.kernel.remove_namespace("b")       # watched, but gone
+    rig.start()
+    rig.set_count(700, "a")
+    rig.run_for(1)
+    assert rig.udp("a") == 10
+    rig.kernel.add_namespace("b", count=700)
+    rig.run_for(6)                          # re-probed (every 5s) and retried after the cooldown
+    assert rig.udp("b") == 10
+
+
+def test_a_permanent_refusal_is_lost_for_that_namespace_only(tmp_path):
+    rig = Rig(tmp_path, namespaces=("a", "b"))
+    rig.write_policy()
+    rig.kernel.refuse("a", UDP, errno.EROFS)
+    rig.start()
+    rig.set_count(700, "b")
+    rig.run_for(3)
+    assert rig.udp("b") == 10 and rig.udp("a") == 30
+    failed = rig.events.of("action_failed")
+    assert len(failed) == 1 and "netns a" in failed[0]["consequence"]   # logged once, not every cooldown
+
+
+def test_a_restore_failing_in_one_namespace_restores_the_others(tmp_path):
+    rig = Rig(tmp_path, namespaces=("a", "b"))
+    rig.write_policy()
+    rig.start()
+    rig.set_count(700, "a")
+    rig.run_for(1)
+    assert rig.udp("a") == 10 and rig.udp("b") == 10
+    rig.kernel.refuse("a", UDP, errno.EIO, once=True)
+    rig.set_count(0, "a")
+    rig.run_for(4)
+    assert rig.udp("b") == 30
+    rig.run_for(6)                          # the failed one is retried
+    assert rig.udp("a") == 30
+    assert rig.journal().entries() == []
+
+
+def test_a_vanished_namespace_is_logged_once_and_its_records_dropped_when_gone_for_good(tmp_path):
+    rig = Rig(tmp_path, namespaces=("a", "b"))
+    rig.write_policy()
+    rig.start()
+    rig.set_count(700, "a")
+    rig.run_for(1)
+    rig.kernel.remove_namespace("b")
+    rig.set_count(0, "a")
+    rig.run_for(5)
+    assert rig.udp("a") == 30
+    assert [c.netns for c in rig.journal().entries()] == ["b"]
+    assert len(rig.events.of("namespace_missing")) == 1
+    rig.run_for(service.NAMESPACE_GONE_AFTER + 10, step=1.0)
+    assert rig.journal().entries() == []
+    assert len(rig.events.of("namespace_gone")) == 1
+    assert len(rig.events.of("namespace_missing")) == 1
+
+
+# ---------------------------------------------------------------------- the journal around a write
+
+
+def test_a_failed_write_keeps_the_original(tmp_path):
+    rig = Rig(tmp_path)
+    rig.write_policy(text=SHORTEN.format(namespaces="[]", state=rig.state, name="shorten", enabled="true")
+                     .replace('udp_timeout = "10s"', 'udp_timeout = "10s", udp_timeout_stream = "1m"'))
+    rig.kernel.refuse("", "nf_conntrack_udp_timeout_stream", errno.EIO, once=True)
+    rig.start()
+    rig.set_count(700)
+    rig.run_for(0.25)
+    records = {c.name: (c.original, c.applied, c.pending) for c in rig.journal().entries()}
+    assert records == {UDP: (30, 10, False)}   # the refused one left no record behind
+    rig.run_for(1.5)
+    records = {c.name: (c.original, c.applied, c.pending) for c in rig.journal().entries()}
+    assert records == {UDP: (30, 10, False), "nf_conntrack_udp_timeout_stream": (120, 60, False)}
+
+
+def test_a_refused_rewrite_of_an_owned_value_keeps_its_first_original(tmp_path):
+    kernel = FakeKernel(maximum=1000)
+    rig = Rig(tmp_path, kernel)
+    rig.write_policy(text=f'[agent]\nstate_file = "{rig.state}"\n')   # the default policy: grow-table
+    rig.start()
+    rig.set_count(800)
+    rig.run_for(0.1, step=0.05)
+    first = rig.journal().get("", "nf_conntrack_max")
+    assert first.original == 1000 and first.applied == kernel.globals["nf_conntrack_max"] > 1000
+    kernel.refuse("", "nf_conntrack_max", errno.EIO)
+    rig.set_count(kernel.globals["nf_conntrack_max"] - 10)
+    rig.run_for(1, step=0.05)
+    again = rig.journal().get("", "nf_conntrack_max")
+    assert (again.original, again.applied, again.pending) == (1000, first.applied, False)
+    # A restart still knows the original.
+    kernel.refusals.clear()
+    rig.start()
+    assert rig.journal().get("", "nf_conntrack_max").original == 1000
+
+
+@pytest.mark.parametrize("written", [False, True])
+def test_a_kill_between_the_record_and_the_write_is_settled_at_the_next_start(tmp_path, written):
+    rig = Rig(tmp_path)
+    rig.write_policy()
+    rig.kernel.kill_on_write = ("", UDP)
+    rig.start()
+    rig.set_count(700)
+    with pytest.raises(Killed):
+        rig.agent.tick()
+    pending = rig.journal().get("", UDP)
+    assert (pending.original, pending.applied, pending.pending) == (30, 10, True)
+    rig.kernel.kill_on_write = None
+    if written:                             # the write made it before the kill
+        rig.kernel.namespaces[""].sysctls[UDP] = 10
+    rig.set_count(0)
+    rig.start()
+    if written:
+        settled = rig.journal().get("", UDP)
+        assert (settled.original, settled.applied, settled.pending) == (30, 10, False)
+        rig.run_for(4)                      # and it is restored once calm, as any owned value
+        assert rig.udp() == 30
+    else:
+        assert rig.journal().entries() == []
+    assert rig.udp() == 30
+
+
+def test_a_global_write_outside_the_initial_namespace_is_a_permanent_refusal(tmp_path):
+    kernel = FakeKernel(maximum=1000)
+    rig = Rig(tmp_path, kernel)
+    rig.write_policy(text=f'[agent]\nstate_file = "{rig.state}"\n')
+    kernel.refuse("", "nf_conntrack_max", errno.EACCES)
+    rig.start()
+    rig.set_count(900)
+    rig.run_for(3, step=0.05)
+    failed = rig.events.of("action_failed")
+    assert len(failed) == 1 and "will not try" in failed[0]["consequence"]
+    assert rig.journal().entries() == []
+    kernel.refusals.clear()
+    rig.agent.reload()                      # the operator's "try again"
+    rig.run_for(0.5, step=0.05)
+    assert kernel.globals["nf_conntrack_max"] > 1000
+
+
+def test_dry_run_walks_the_same_path_and_writes_nothing(tmp_path):
+    rig = Rig(tmp_path)
+    rig.write_policy()
+    rig.agent = service.Agent(str(rig.policy), True, rig.events, clock=rig.clock, kernel=rig.kernel)
+    rig.agent.start()
+    rig.set_count(700)
+    rig.run_for(1)
+    rig.set_count(0)
+    rig.run_for(4)
+    assert rig.kernel.writes == [] and not rig.state.exists()
+    would = [(k, f["dry_run"]) for k, f in rig.events.items if k in ("set_timeouts", "restore_timeouts")]
+    assert would == [("set_timeouts", True), ("restore_timeouts", True)]
+
+
+# ---------------------------------------------------------------------- before acting, and before conntrack
+
+
+def test_the_table_is_read_again_just_before_acting(tmp_path):
+    """A reading that looked like pressure is not acted on if the fresh one says otherwise."""
+    kernel = FakeKernel(maximum=1000)
+    rig = Rig(tmp_path, kernel)
+    rig.write_policy(text=f'[agent]\nstate_file = "{rig.state}"\n')
+    rig.start()
+    kernel.namespaces[""].script = [900, 100]     # the first read says 90%, the fresh one 10%
+    rig.agent.tick()
+    assert kernel.writes == [] and "raise_max" not in rig.events.kinds()
+    kernel.namespaces[""].script = [900, 900]
+    rig.clock.now += 1
+    rig.agent.tick()
+    assert kernel.globals["nf_conntrack_max"] > 1000
+
+
+def test_conntrack_not_loaded_is_logged_once_and_probed_every_5s(tmp_path):
+    kernel = FakeKernel(maximum=1000)
+    kernel.loaded = False
+    rig = Rig(tmp_path, kernel)
+    rig.write_policy()
+    rig.start()
+    rig.run_for(4.5, step=0.5)
+    assert rig.events.kinds().count("conntrack_unavailable") == 1 and "conntrack_available" not in rig.events.kinds()
+    opened = kernel.probes_opened
+    assert opened == 1                              # waits REPROBE_INTERVAL between probes
+    kernel.loaded = True                            # an operator loads it; the agent never does
+    rig.run_for(1.5, step=0.5)
+    assert "conntrack_available" in rig.events.kinds() and kernel.probes_opened == 2
