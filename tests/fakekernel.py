@@ -39,7 +39,8 @@ class FakeNamespace:
     # Counts the next reads return, one each, before `count` again: a table that
     # changes between two reads of one tick.
     script: List[int] = field(default_factory=list)
-    counters: Dict[str, int] = field(default_factory=lambda: {"drop": 0, "early_drop": 0, "insert_failed": 0})
+    counters: Dict[str, int] = field(default_factory=lambda: {"drop": 0, "early_drop": 0, "insert_failed": 0,
+                                                              "clash_resolve": 0, "chaintoolong": 0})
     sysctls: Dict[str, int] = field(default_factory=lambda: dict(DEFAULT_TIMEOUTS))
 
 

@@ -194,7 +194,11 @@ TIMEOUT_FLOORS: Dict[str, float] = {
 
 # The names conntrack-tools prints, as the eviction engine matches them (evictspec.py).
 TCP_STATES = SELECTABLE_TCP_STATES
-DROP_COUNTERS = ("drop", "early_drop", "insert_failed")
+# The kernel's per-CPU counters a trigger may watch: drop (a packet dropped, the
+# table full), early_drop (an unreplied entry evicted for room), insert_failed and
+# clash_resolve (insertion races, not fullness), chaintoolong (an insert refused
+# for a too long hash chain: more buckets are needed; Linux 5.15+).
+DROP_COUNTERS = ("drop", "early_drop", "insert_failed", "clash_resolve", "chaintoolong")
 
 
 @dataclass(frozen=True)
@@ -296,8 +300,15 @@ class SetTimeouts:
 Evict = EvictSpec
 
 
-ACTIONS = ("raise_max", "set_timeouts", "evict")
+@dataclass(frozen=True)
+class ResizeBuckets:
+    # Buckets × factor on each action (never above the max's memory ceiling): the
+    # kernel refuses inserts into a hash chain that is too long (chaintoolong,
+    # Linux 5.15+), which more buckets shorten.
+    factor: float = 2.0
 
+
+ACTIONS = ("raise_max", "set_timeouts", "evict", "resize_buckets")
 
 @dataclass(frozen=True)
 class Rule:
@@ -310,6 +321,7 @@ class Rule:
     raise_max: RaiseMax = field(default_factory=RaiseMax)
     set_timeouts: SetTimeouts = field(default_factory=SetTimeouts)
     evict: Evict = field(default_factory=Evict)
+    resize_buckets: ResizeBuckets = field(default_factory=ResizeBuckets)
 
 
 @dataclass(frozen=True)
@@ -365,6 +377,14 @@ DEFAULT_RULES: Tuple[Rule, ...] = (
         cooldown=30.0,
         trigger=Trigger(match="any", usage_at_least=0.95, counters_increasing=("drop",)),
         evict=Evict(mode="delete", status="unreplied", budget_entries=50_000, budget_time=0.5, target_usage=0.85),
+    ),
+    Rule(
+        name="grow-buckets",
+        action="resize_buckets",
+        # A resize rehashes the whole table under the global conntrack lock: rarely.
+        cooldown=60.0,
+        trigger=Trigger(match="any", counters_increasing=("chaintoolong",)),
+        resize_buckets=ResizeBuckets(factor=2.0),
     ),
 )
 
@@ -449,6 +469,9 @@ _SCHEMA: Dict[str, Dict[str, Check]] = {
     },
     # The selectors and budgets: evictspec.FIELDS, shared with the engine and the CLI.
     "evict": EVICT_SCHEMA,
+    "resize_buckets": {
+        "factor": number(1.1, 16.0),
+    },
 }
 _RULE_KEYS: Dict[str, Check] = {
     "name": RULE_NAME,
@@ -457,7 +480,7 @@ _RULE_KEYS: Dict[str, Check] = {
     "dry_run": boolean,
     "cooldown": duration(0.0, 86400.0),
 }
-_RULE_TABLES = ("trigger", "raise_max", "set_timeouts", "evict")
+_RULE_TABLES = ("trigger", "raise_max", "set_timeouts", "evict", "resize_buckets")
 
 
 # --------------------------------------------------------------------------- one file
@@ -607,7 +630,8 @@ def _display(path: Tuple[Any, ...]) -> str:
 # --------------------------------------------------------------------------- merging
 
 
-_ACTION_TABLES = {"raise_max": RaiseMax, "set_timeouts": SetTimeouts, "evict": Evict}
+_ACTION_TABLES = {"raise_max": RaiseMax, "set_timeouts": SetTimeouts, "evict": Evict,
+                  "resize_buckets": ResizeBuckets}
 
 
 def _merge(layers: Sequence[_Layer]) -> Policy:

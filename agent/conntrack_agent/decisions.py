@@ -163,6 +163,8 @@ def decide(sample: Sample, policy: Policy, memory: Memory, env: Environment,
         if not take(proposed):
             memory = before
 
+    race, memory = _insert_races(sample, policy, memory)
+    decisions.extend(race)
     orphan_decisions, memory = _orphans(sample, policy, memory, env, owned)
     for d in orphan_decisions:
         take([d])
@@ -211,6 +213,39 @@ def _orphans(sample: Sample, policy: Policy, memory: Memory, env: Environment,
     for kind, records in due.items():
         out += actions.get(kind).undo_orphans(records, ctx)
     return out, memory
+
+
+# An insertion-race episode ends after this long without insert_failed/clash_resolve.
+RACE_EPISODE_GAP = 300.0
+RACE_COUNTERS = ("insert_failed", "clash_resolve")
+
+
+def _insert_races(sample: Sample, policy: Policy, memory: Memory) -> Tuple[List[Decision], Memory]:
+    """insert_failed/clash_resolve rising while the table is not under pressure: the UDP
+    insertion race (two packets of a new flow racing to insert it, e.g. the A and AAAA
+    DNS queries glibc sends at once from one socket; Kubernetes issue #56903: 5 s DNS
+    delays). A capacity change cannot help, so no rule acts on it by default; one
+    notice per episode says what it is and what does help."""
+    t = sample.time
+    dropper = sample.busiest_dropper(RACE_COUNTERS)
+    rising = {c: dropper.deltas.get(c, 0) for c in RACE_COUNTERS if dropper.deltas.get(c, 0) > 0}
+    if rising and not under_pressure(sample, policy):
+        if memory.race_since is not None:
+            return [], replace(memory, race_quiet_since=None)
+        counts = ", ".join(f"{c} +{n}" for c, n in rising.items())
+        reason = (f"{counts} in {_ns(dropper.netns)} with the table at {dropper.usage:.1%}: conntrack "
+                  "insertions are racing, the table is not full, and a larger max would not help. Typical cause: "
+                  "two packets of one new UDP flow at once (glibc sends the A and AAAA DNS queries together from "
+                  "one socket; Kubernetes #56903, 5 s DNS timeouts). Remedies: `options single-request-reopen` "
+                  "(or use-vc) in resolv.conf, NodeLocal DNSCache, TCP for DNS")
+        return ([Decision("insert_race", "", reason, dropper.netns, policy.agent.dry_run, is_action=False)],
+                replace(memory, race_since=t, race_quiet_since=None))
+    if memory.race_since is None:
+        return [], memory
+    quiet = memory.race_quiet_since if memory.race_quiet_since is not None else t
+    if t - quiet >= RACE_EPISODE_GAP:
+        return [], replace(memory, race_since=None, race_quiet_since=None)
+    return [], replace(memory, race_quiet_since=quiet)
 
 
 # ----------------------------------------------------------------------------- outcomes

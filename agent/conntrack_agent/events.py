@@ -71,6 +71,7 @@ EVENTS: Dict[str, EventKind] = {
     "policy_watched": EventKind("6e8a0c2e4b6d4f8a9c1e3a5c7e9b1d24", INFO,
                                 "reloading by itself when the policy changes in {directories} "
                                 "(agent.watch_policy)"),
+    "insert_race": EventKind("8f0b2d4e6a1c4e5a7b9d1f3a5c7e9b31", WARNING, "{reason}"),
     "restore_skipped": EventKind("77c1d2a9e5b04f3c8a6d9e2f1b0c4a57", WARNING,
                                  "not restoring {name} in {netns_label}: {reason}"),
     "reload_failed": EventKind("ddc94c70b5a745078fe0e2ff665e9234", ERR,

@@ -162,6 +162,29 @@ def combine(readings: Tuple[Reading, ...], views: Tuple[NamespaceView, ...]) -> 
     return Sample(time=latest.time, max=latest.max, buckets=latest.buckets, namespaces=views, deltas=total)
 
 
+def carrying_deltas(fresh: Sample, earlier: Sample) -> Sample:
+    """`fresh` (a re-read just before acting) with the counter increases `earlier` saw
+    added: the re-read measures only the microseconds since `earlier`, and a trigger on
+    rising counters would otherwise never survive the re-check."""
+    if not any(view.deltas for view in earlier.namespaces):
+        return fresh
+    before = {view.netns: view.deltas for view in earlier.namespaces}
+    views = []
+    for view in fresh.namespaces:
+        seen = before.get(view.netns)
+        if seen:
+            merged = dict(seen)
+            for name, value in view.deltas.items():
+                merged[name] = merged.get(name, 0) + value
+            view = view._replace(deltas=merged)
+        views.append(view)
+    total: Dict[str, int] = {}
+    for view in views:
+        for name, value in view.deltas.items():
+            total[name] = total.get(name, 0) + value
+    return Sample(time=fresh.time, max=fresh.max, buckets=fresh.buckets, namespaces=tuple(views), deltas=total)
+
+
 def with_max(sample: Sample, maximum: int) -> Sample:
     """The same readings seen against a new max (just written by the agent), so the
     status line and the D-Bus properties do not show the old, full table until the

@@ -280,7 +280,7 @@ class Agent:
             # from the memory before the first look (the first decision is discarded).
             fresh = self.sampler.sample(counters=True)
             if fresh is not None:
-                sample = fresh
+                sample = model.carrying_deltas(fresh, sample)
                 found, memory = decisions.decide(sample, self.policy, self.memory, self.env, owned)
         self.memory = memory
         self._note_pressure(sample, busy=decisions.under_pressure(sample, self.policy))

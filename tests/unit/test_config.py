@@ -239,7 +239,7 @@ def test_rules_merge_by_name(tmp_path):
     assert by_name["grow-table"].trigger == config.DEFAULT_RULES[0].trigger   # untouched keys kept
     assert by_name["shorten-timeouts"].enabled is False
     assert by_name["mine"].trigger.counters_increasing == ("drop",)
-    assert [r.name for r in policy.rules] == ["grow-table", "shorten-timeouts", "evict-stale", "mine"]
+    assert [r.name for r in policy.rules] == ["grow-table", "shorten-timeouts", "evict-stale", "grow-buckets", "mine"]
 
 
 def test_error_in_a_dropin_names_the_dropin(tmp_path):

@@ -401,3 +401,61 @@ def test_conntrack_not_loaded_is_logged_once_and_probed_every_5s(tmp_path):
     kernel.loaded = True                            # an operator loads it; the agent never does
     rig.run_for(1.5, step=0.5)
     assert "conntrack_available" in rig.events.kinds() and kernel.probes_opened == 2
+
+
+# ---------------------------------------------------------------------- the kernel's other signals
+
+
+def test_chaintoolong_grows_the_buckets_and_never_the_max(tmp_path):
+    kernel = FakeKernel(maximum=100000, buckets=1024)
+    rig = Rig(tmp_path, kernel)
+    rig.write_policy(text=f'[agent]\nstate_file = "{rig.state}"\n')      # the shipped rules
+    rig.start()
+    rig.set_count(100)
+    rig.run_for(1.2)
+    kernel.namespaces[""].counters["chaintoolong"] = 5
+    rig.run_for(1.2)
+    assert kernel.globals == {"nf_conntrack_max": 100000, "nf_conntrack_buckets": 2048}
+    record = rig.journal().get("", "nf_conntrack_buckets")
+    assert (record.original, record.applied, record.rule) == (1024, 2048, "grow-buckets")
+    kernel.namespaces[""].counters["chaintoolong"] = 9
+    rig.run_for(30)
+    assert kernel.globals["nf_conntrack_buckets"] == 2048          # the 1 min cooldown holds
+    rig.run_for(31)
+    assert kernel.globals["nf_conntrack_buckets"] == 2048          # quiet counter: nothing more
+
+
+def test_insert_races_without_pressure_are_explained_once_and_never_raise_the_max(tmp_path):
+    kernel = FakeKernel(maximum=10000)
+    rig = Rig(tmp_path, kernel)
+    rig.write_policy(text=f'[agent]\nstate_file = "{rig.state}"\n')
+    rig.start()
+    rig.set_count(100)
+    counters = kernel.namespaces[""].counters
+    for _ in range(10):                          # races keep happening, second after second
+        counters["insert_failed"] += 3
+        counters["clash_resolve"] += 2
+        rig.run_for(1.0)
+    races = rig.events.of("insert_race")
+    assert len(races) == 1 and "a larger max would not help" in races[0]["reason"]
+    assert kernel.writes == []
+    rig.run_for(310, step=5.0)                   # the episode ends after 5 quiet minutes
+    counters["insert_failed"] += 1
+    rig.run_for(1.5)
+    assert len(rig.events.of("insert_race")) == 2
+
+
+def test_rising_drop_counters_survive_the_re_read_before_acting(tmp_path):
+    """The re-read just before acting measures only microseconds: the counter increases
+    the first read saw must still count, or a drop-only trigger could never act."""
+    kernel = FakeKernel(maximum=10000)
+    rig = Rig(tmp_path, kernel)
+    rig.write_policy(text=f'[agent]\nstate_file = "{rig.state}"\n[[rule]]\nname = "grow-table"\n'
+                          '[rule.trigger]\nusage_at_least = 0.99\ntime_to_full_below = "1s"\n')
+    rig.start()
+    rig.set_count(100)                               # 1%: only the drop counter can fire grow-table
+    rig.run_for(1.0)
+    kernel.namespaces[""].counters["drop"] += 4
+    rig.run_for(0.5)
+    assert kernel.globals["nf_conntrack_max"] > 10000
+    assert "kernel counters rising: drop +4" in rig.events.of("raise_max")[0]["reason"]

@@ -286,7 +286,9 @@ def test_fuzz_scanner_agrees_with_tomllib_on_valid_documents():
             values, lines = tomlfile.parse_document(data)
         except tomlfile.TomlSyntaxError:
             continue
-        text = data.decode("utf-8").splitlines()
+        # TOML ends lines at "\n" only; str.splitlines() would also split at U+2028,
+        # \x0b, \x1c... that a comment may hold, and shift every later line.
+        text = data.decode("utf-8").split("\n")
         for path, line in lines.items():
             last = next((p for p in reversed(path) if isinstance(p, str)), None)
             if last is None or not last.isidentifier():

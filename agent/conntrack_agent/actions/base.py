@@ -84,6 +84,10 @@ class Memory:
     # orphaned changes (their rule is gone) calm since: (netns, name) -> time
     orphan_calm: Dict[Tuple[str, str], float] = field(default_factory=dict)
     orphan_retry_at: Dict[Tuple[str, str], float] = field(default_factory=dict)
+    # An insertion-race episode (insert_failed/clash_resolve rising without pressure):
+    # since when, and since when quiet.
+    race_since: Optional[float] = None
+    race_quiet_since: Optional[float] = None
 
     def rule(self, name: str) -> RuleMemory:
         return self.rules.get(name, RuleMemory())

@@ -58,8 +58,26 @@ class ResizeBuckets(Action):
                           action=self.kind)],
                 replace(memory, buckets_changed=sample.time))
 
+    def fire(self, rule: Rule, ctx: Context) -> Tuple[List[Decision], Memory]:
+        """A resize_buckets rule fired (chaintoolong rising in the default policy): more
+        buckets, within the memory ceiling of the max, at most once per the rule's cooldown."""
+        memory, sample = ctx.memory, ctx.sample
+        if memory.has_lost(self.capability):
+            return [], memory
+        from .table_max import ceiling
+        limit, limited_by = ceiling(ctx.policy, rule, ctx.env)
+        wanted = min(math.ceil(sample.buckets * rule.resize_buckets.factor), limit)
+        if wanted <= sample.buckets:
+            return [], memory
+        reason = f"{ctx.reason}; buckets ×{rule.resize_buckets.factor:g}"
+        if wanted < math.ceil(sample.buckets * rule.resize_buckets.factor):
+            reason += f", capped at {wanted} by {limited_by}"
+        return ([Decision("resize_buckets", rule.name, reason, "", ctx.dry_run, sample.buckets, wanted,
+                          action=self.kind)],
+                replace(memory, buckets_changed=sample.time))
+
     def claims(self, rule: Rule, owned: Owned, env) -> bool:
-        return rule.name == owned.rule and rule.action == "raise_max"
+        return rule.name == owned.rule and rule.action in ("raise_max", self.kind)
 
     def orphan_ready(self, owned: Owned, ctx: Context) -> bool:
         changed = ctx.memory.buckets_changed
