@@ -79,15 +79,19 @@ BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Config
 AGENT = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
-from conntrack_agent import dbus_service, logsetup, mainloop, sdnotify
+from conntrack_agent import config, dbus_service, logsetup, mainloop, sdnotify
 
 logsetup.configure("json")
 
 class Agent:
     log = logsetup.get_logger()
     decision_listeners = []
+    policy = config.loads(b"")
     policy_label = "/etc/conntrack-agent/policy.toml"
+    report_to_file = True
+    sampler = None
     ticks = []
+    def report(self): return {"owned": []}
     def start(self): pass
     def tick(self):
         self.ticks.append(time.monotonic())
