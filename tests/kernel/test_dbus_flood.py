@@ -10,7 +10,8 @@ small client so that the flooder itself is not the bottleneck:
 
 - Properties.GetAll, then Introspect, from an unprivileged user (nobody, no
   groups): the bus refuses both, they never reach the agent, and the tick keeps
-  at least 90% of its nominal rate;
+  at least 90% of the rate it has on the same machine without a flood, measured
+  just before (a ratio side by side: a loaded machine delays a 50 ms timer too);
 - GetAll from a member of the conntrack-agent group, whom the policy lets read:
   every call answered (from the per-tick cached replies), none failed.
 
@@ -358,6 +359,11 @@ def test_no_flood_reaches_the_tick() -> None:
         try:
             props = agent.wait_published()
             assert props["max"] == 262144 and props["policy_path"] == "/etc/conntrack-agent/policy.toml"
+            # The same machine without a flood, just before: the tick's own rate here (a
+            # loaded machine delays a 50 ms timer too; the flood must cost no more than 10%).
+            quiet_start = time.monotonic()
+            time.sleep(FLOOD_SECONDS)
+            quiet = (quiet_start, time.monotonic())
             refused = flood(bus, groups=None)
             introspect = flood(bus, groups=None, member="Introspect")
             reader = flood(bus, groups=gid, seconds=3.0)
@@ -369,10 +375,12 @@ def test_no_flood_reaches_the_tick() -> None:
     for result in (refused, introspect):
         assert result["replies"] == 0 and result["errors"] > 10 * IN_FLIGHT, result
         assert result["error_names"] == ["org.freedesktop.DBus.Error.AccessDenied"], result
-    # ...so the tick kept its pace.
+    # ...so the tick kept its pace: at least 90% of its rate without a flood, side by side.
+    baseline = tick_rate(ticks, quiet)
     for name, result in (("GetAll", refused), ("Introspect", introspect)):
         rate = tick_rate(ticks, result["window"])
-        assert rate["rate"] >= MIN_RATE, "unprivileged %s flood: %r, %r\n%s" % (name, rate, result, log)
+        assert rate["rate"] >= MIN_RATE * baseline["rate"], "unprivileged %s flood: %r against %r without, %r\n%s" % (
+            name, rate, baseline, result, log)
     # A member of the readers' group is answered (more than one window's worth,
     # from the cached replies; how fast depends on the machine and the bus).
     assert reader["errors"] == 0 and reader["replies"] > IN_FLIGHT, reader
