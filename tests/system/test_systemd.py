@@ -244,9 +244,14 @@ def test_bus_properties_for_root_and_readers_methods_for_root(env: Env) -> None:
         assert refused.returncode != 0
         assert "Access denied" in refused.stderr or "AccessDenied" in refused.stderr, refused.stderr
 
-    # `conntrack-agent status` asks the daemon first.
+    # `conntrack-agent status` asks the daemon first, and shows what it owns with
+    # the original; `plan` shows the same from the agent's own report.
     out = env.box.run(["conntrack-agent", "status", "--json"]).stdout
     assert '"source": "agent (D-Bus)"' in out and '"max": %d' % env.raised_to in out, out
+    owned = {o["name"]: o for o in json.loads(out)["owned"]}
+    assert owned["nf_conntrack_max"]["original"] == LOW_MAX, owned
+    plan = env.box.run(["conntrack-agent", "plan"]).stdout
+    assert "source: agent (D-Bus)" in plan and "(original %d, rule grow-table)" % LOW_MAX in plan, plan
 
 
 def test_reload_with_broken_policy_keeps_running(env: Env) -> None:
@@ -294,7 +299,9 @@ def test_stop_is_clean_and_watchdog_was_fed(env: Env) -> None:
 
     # With no daemon on the bus, `conntrack-agent status` reads the kernel itself.
     out = json.loads(env.box.run(["conntrack-agent", "status", "--json"]).stdout)
-    assert out["source"] == "kernel" and out["max"] == rig.read_sysctl("nf_conntrack_max"), out
+    assert out["source"].startswith("kernel") and out["max"] == rig.read_sysctl("nf_conntrack_max"), out
+    # ...and the state file tells what the stopped agent still owns, with the original.
+    assert {o["name"]: o["original"] for o in out["owned"]}.get("nf_conntrack_max") == LOW_MAX, out
 
 
 def test_invalid_policy_at_start_exits_78_without_restart_loop(env: Env) -> None:
