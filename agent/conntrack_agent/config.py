@@ -110,6 +110,25 @@ def valid_netns_name(name: Any) -> bool:
     return isinstance(name, str) and _NETNS_NAME.fullmatch(name) is not None and name not in (".", "..")
 
 
+_NETNS_PATTERN = re.compile(r"[A-Za-z0-9_.\-*?\[\]!]{1,64}")
+
+
+def valid_netns_pattern(pattern: Any) -> bool:
+    """An agent.namespaces entry: a /run/netns name, a glob over those names
+    ("cni-*"), "host" (the agent's own namespace) or "*" (every namespace on the
+    node, named or not). Never a path, never "." or ".."."""
+    return (isinstance(pattern, str) and _NETNS_PATTERN.fullmatch(pattern) is not None
+            and pattern not in (".", "..") and pattern.count("[") == pattern.count("]"))
+
+
+def NETNS_PATTERN(value: Any) -> str:  # noqa: N802 (a check, named like the other constants of the schema)
+    if not valid_netns_pattern(value):
+        raise Invalid(f"expected a namespace name from /run/netns, a glob over them (\"cni-*\"), \"host\" or "
+                      f"\"*\" (letters, digits, '-', '_', '.', '*', '?', '[', ']', '!', at most 64; not a path, "
+                      f"not '.' or '..'), got {shown(value)}")
+    return value
+
+
 def NETNS_NAME(value: Any) -> str:  # noqa: N802 (a check, named like the other constants of the schema)
     if not valid_netns_name(value):
         raise Invalid(f"expected a network namespace name from /run/netns (letters, digits, '-', '_', "
@@ -212,6 +231,9 @@ class AgentSettings:
     dry_run: bool = False
     max_actions_per_tick: int = 2
     namespaces: Tuple[str, ...] = ()
+    # At most this many namespaces are watched (one kept-open socket and file each);
+    # more matching ones are logged once and left out.
+    max_namespaces: int = 256
     state_file: str = "/var/lib/conntrack-agent/state.json"
     on_external_change: str = "back_off"
     log_format: str = "auto"
@@ -421,7 +443,8 @@ _SCHEMA: Dict[str, Dict[str, Check]] = {
         "fill_rate_window": duration(0.01, 600.0),
         "dry_run": boolean,
         "max_actions_per_tick": number(1, 16, integer=True),
-        "namespaces": string_list(NETNS_NAME),
+        "namespaces": string_list(NETNS_PATTERN),
+        "max_namespaces": number(1, 4096, integer=True),
         "state_file": state_path,
         "on_external_change": choice("back_off", "reassert"),
         "log_format": choice("auto", "console", "json", "journal"),

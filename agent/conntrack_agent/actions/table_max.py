@@ -85,6 +85,12 @@ class RaiseMax(Action):
         rate = sample.fill_rate
         room_for_storm = math.ceil(sample.count + rate * spec.headroom) if rate > 0 else 0
         limit, limited_by = ceiling(ctx.policy, rule, ctx.env)
+        others = sum(ns.count for ns in sample.namespaces) - sample.count
+        if others > 0 and limited_by.startswith("memory"):
+            # Every namespace's entries are kernel memory under the one budget: what the
+            # others hold is not there for the fullest one to grow into.
+            limit = max(sample.count, limit - others)
+            limited_by += f", {others} entries held in other namespaces"
         new = max(min(max(target, room_for_storm), limit), sample.count)
         if new <= current:
             if memory.at_ceiling:
