@@ -234,7 +234,7 @@ class Agent:
         self.watched = watched
         self.sampler.set_namespaces(tuple(watched))
         self.env = replace(self.env, namespaces=tuple(watched) or ("",))
-        self._next_probe = 0.0   # open the new ones at once
+        self._probe()   # open the new ones now, not at the next reprobe
 
     def _probe(self) -> None:
         """Open what is not open yet (a module loaded, a namespace appeared), and bring
