@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import tomlfile
+from .checks import read_at_most
 from .checks import (  # noqa: F401 (the value kinds are part of this module's API)
     Check,
     Invalid,
@@ -873,25 +874,18 @@ def read_policy_file(file: str) -> bytes:
         fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise Invalid(_cannot(exc)) from None
-    chunks: List[bytes] = []
-    size = 0
     try:
         refused = _not_regular(os.fstat(fd).st_mode)
         if refused:
             raise Invalid(refused)
-        while size <= MAX_FILE_BYTES:
-            chunk = os.read(fd, MAX_FILE_BYTES + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
+        data = read_at_most(fd, MAX_FILE_BYTES)
     except OSError as exc:
         raise Invalid(_cannot(exc)) from None
     finally:
         os.close(fd)
-    if size > MAX_FILE_BYTES:
+    if len(data) > MAX_FILE_BYTES:
         raise Invalid(too_large)
-    return b"".join(chunks)
+    return data
 
 
 def _present(file: str) -> bool:

@@ -17,7 +17,7 @@ from ..config import Policy, Rule, format_duration
 from ..model import memory_ceiling
 from . import register
 from .base import (GLOBAL, Action, Context, Decision, Environment, Memory, Outcome, Owned, RuleMemory, Shell,
-                   calm)
+                   calm_long_enough)
 from .sysctl_change import put_back, write
 
 NAME = "nf_conntrack_max"
@@ -113,14 +113,9 @@ class RaiseMax(Action):
         owned = ctx.owned_value(GLOBAL, NAME)
         if spec.raise_only or owned is None or owned.rule != rule.name:
             return [], replace(rule_memory, calm_since=None)
-        if not calm(sample, spec.restore_below, rule.trigger.counters_increasing or ("drop",)):
-            return [], replace(rule_memory, calm_since=None)
-        calm_since = rule_memory.calm_since if rule_memory.calm_since is not None else sample.time
-        rule_memory = replace(rule_memory, calm_since=calm_since)
-        calm_for = sample.time - calm_since
-        if calm_for < spec.restore_after:
-            return [], rule_memory
-        if rule_memory.undo_retry_at is not None and sample.time < rule_memory.undo_retry_at:
+        due, rule_memory, calm_for = calm_long_enough(rule, sample, rule_memory, spec.restore_below,
+                                                      spec.restore_after)
+        if not due:
             return [], rule_memory
         if owned.original >= sample.max or sample.count >= spec.restore_below * owned.original:
             return [], rule_memory  # the original would be too tight for today's table
