@@ -112,7 +112,7 @@ class RaiseMax(Action):
         spec, sample = rule.raise_max, ctx.sample
         owned = ctx.owned_value(GLOBAL, NAME)
         if spec.raise_only or owned is None or owned.rule != rule.name:
-            return [], replace(rule_memory, calm_since=None)
+            return [], (rule_memory if rule_memory.calm_since is None else replace(rule_memory, calm_since=None))
         due, rule_memory, calm_for = calm_long_enough(rule, sample, rule_memory, spec.restore_below,
                                                       spec.restore_after)
         if not due:
