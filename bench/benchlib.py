@@ -120,7 +120,17 @@ def machine() -> Dict[str, Any]:
     info["ram"] = "%.1f GiB" % (kib / 1048576)
     info["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     info["agent"] = agent_revision()
+    info["load_start"] = loadavg()
     return info
+
+
+def loadavg() -> str:
+    """The 1, 5 and 15 minute load averages now (the VM is shared: other engineers' tests run)."""
+    try:
+        with open("/proc/loadavg") as f:
+            return " / ".join(f.read().split()[:3])
+    except OSError:
+        return "?"
 
 
 def agent_revision() -> str:
@@ -145,6 +155,8 @@ def provenance(command: str, mach: Optional[Dict[str, Any]] = None) -> List[str]
         "- kernel: %s; machine: %s × %s, %s RAM; Python %s" % (
             m["kernel"], m["nproc"], m["model"], m["ram"], m["python"]),
         "- date: %s; agent and policy at commit %s" % (m["date"], m.get("agent", "unknown")),
+        "- load average (1 / 5 / 15 min, %s CPUs, a shared VM): %s at the start, %s at the end" % (
+            m["nproc"], m.get("load_start", "?"), loadavg()),
     ]
 
 
@@ -199,16 +211,20 @@ def bytecode_line() -> str:
 def policy_dir(where: Path, namespaces: Sequence[str] = (), extra: Sequence[str] = ()) -> Path:
     """The shipped policy plus drop-ins: the bench's state file and namespaces, then ``extra``.
 
-    Returns the path to pass to --config.
+    The metrics textfile goes to a directory of the bench's own (made here, so the
+    agent writes it as it would into node-exporter's textfile directory): a bench
+    agent never writes the node's real textfile. Returns the path to pass to --config.
     """
     where.mkdir(parents=True, exist_ok=True)
     dropins = where / "policy.d"
     dropins.mkdir(exist_ok=True)
+    (where / "textfile").mkdir(exist_ok=True)
     shutil.copy(DEFAULT_POLICY, where / "policy.toml")
     names = ", ".join(json.dumps(n) for n in namespaces)
     (dropins / "10-bench.toml").write_text(
-        "[agent]\nstate_file = %s\nnamespaces = [%s]\nlog_format = \"json\"\n"
-        % (json.dumps(str(where / "state.json")), names))
+        "[agent]\nstate_file = %s\nnamespaces = [%s]\nlog_format = \"json\"\n\n[metrics]\ntextfile = %s\n"
+        % (json.dumps(str(where / "state.json")), names,
+           json.dumps(str(where / "textfile" / "conntrack_agent.prom"))))
     for i, text in enumerate(extra):
         (dropins / ("%d-extra.toml" % (20 + i))).write_text(text)
     return where / "policy.toml"
@@ -327,7 +343,12 @@ class Agent:
                  prefix: Sequence[str] = (), env: Optional[Dict[str, str]] = None) -> None:
         cmd = list(prefix) + [AGENT_PYTHON, "-m", "conntrack_agent", "run", "--config", str(config),
                               "--log-format", "json"] + list(extra_args)
-        full_env = dict(os.environ, PYTHONPATH=str(REPO / "agent"), **(env or {}))
+        # The runtime report (written every 5 s without D-Bus) goes beside the bench's policy,
+        # as the unit's RuntimeDirectory= would place it: never into the node's /run/conntrack-agent.
+        runtime = Path(config).parent / "run"
+        runtime.mkdir(exist_ok=True)
+        full_env = dict(os.environ, PYTHONPATH=str(REPO / "agent"), RUNTIME_DIRECTORY=str(runtime))
+        full_env.update(env or {})
         self.events: List[Dict[str, Any]] = []
         self.other_lines: List[str] = []
         self._cond = threading.Condition()

@@ -88,19 +88,20 @@ def _version(dist: str, module: Any) -> str:
 
 
 def measure(rounds: int, batch: int, slow_batch: int, pypi_python: Optional[str]) -> Dict[str, Any]:
+    from conntrack_agent import kernel as kernel_module
     from conntrack_agent import model
-    from conntrack_agent import sampler as sampler_module
     from conntrack_agent.ctnetlink import CtnetlinkSocket
-    from conntrack_agent.kernel import LinuxProbe as NamespaceProbe
+    from conntrack_agent.kernel import LinuxProbe
     from conntrack_agent.sampler import Sampler
 
-    # Without `counters`, a read skips the per-CPU counters unless the table is at least
-    # COUNTERS_EVERY_TICK_FROM full or COUNTERS_REFRESH has passed since they were last
-    # read: both set out of reach here, so the count + max variant never reads them and
-    # the counters variant always does (counters=True), whatever this table's usage.
-    every_tick_from, refresh = sampler_module.COUNTERS_EVERY_TICK_FROM, sampler_module.COUNTERS_REFRESH
-    sampler_module.COUNTERS_EVERY_TICK_FROM = float("inf")
-    sampler_module.COUNTERS_REFRESH = float("inf")
+    # Without `counters`, a probe's read (kernel.LinuxProbe.read) skips the per-CPU counters
+    # unless the table is at least kernel.COUNTERS_EVERY_TICK_FROM full or COUNTERS_REFRESH
+    # has passed since they were last read: both set out of reach here, so the count + max
+    # variant never reads them and the counters variant always does (counters=True),
+    # whatever this table's usage.
+    every_tick_from, refresh = kernel_module.COUNTERS_EVERY_TICK_FROM, kernel_module.COUNTERS_REFRESH
+    kernel_module.COUNTERS_EVERY_TICK_FROM = float("inf")
+    kernel_module.COUNTERS_REFRESH = float("inf")
     samplers = []
     for _ in range(2):
         s = Sampler(("",), 0.5)
@@ -110,7 +111,7 @@ def measure(rounds: int, batch: int, slow_batch: int, pypi_python: Optional[str]
         s.sample(counters=True)   # the counters' first read, so both start alike
         samplers.append(s)
     sampler, sampler_counters = samplers
-    probe = NamespaceProbe("")
+    probe = LinuxProbe("")
     tracker = model.FillTracker(0.5)
     reading = probe.read(time.monotonic, counters=True)
     ct = CtnetlinkSocket()

@@ -94,6 +94,7 @@ class FakeKernel(Kernel):
         self.writes: List[Tuple[str, str, int]] = []
         self.evictions: List[Tuple[str, bool]] = []
         self.probes_opened = 0
+        self.attributions: List[str] = []
 
     # ------------------------------------------------------------------ set-up and injection
 
@@ -166,6 +167,11 @@ class FakeKernel(Kernel):
     def entry_bytes(self) -> Optional[int]:
         return self._entry_bytes
 
+    def attribute(self, netns_name: str, count: Optional[int] = None) -> Any:
+        ns = self._namespace(netns_name)
+        self.attributions.append(netns_name)
+        return fake_attribution(ns.count, ns.count * 3 // 4)
+
     def evict(self, spec: Any, netns_name: str, dry_run: bool, usage: Callable[[], float], log: Any) -> Any:
         ns = self._namespace(netns_name)
         self.evictions.append((netns_name, dry_run))
@@ -175,6 +181,15 @@ class FakeKernel(Kernel):
             ns.count -= matched
         return FakeEvictReport(matched=matched, done=0 if dry_run else matched, dry_run=dry_run,
                                scanned=matched, usage_before=before, usage_after=usage())
+
+
+def fake_attribution(total: int, unreplied: int) -> Any:
+    from conntrack_agent.attribution import Attribution
+    return Attribution(total=total, expected=total, sampled=total, scale=1.0, complete=True, closed=False,
+                       seconds=0.01, decode_seconds=0.005,
+                       states={"unreplied": unreplied, "assured": total - unreplied}, protocols={"udp": total},
+                       sources=[("10.1.2.0/24", total)], destinations=[("udp 10.0.0.1:53", total)],
+                       hosts=[("udp 10.0.0.1", total)])
 
 
 def written(kernel: FakeKernel) -> Set[Tuple[str, str]]:

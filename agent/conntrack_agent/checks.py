@@ -180,3 +180,18 @@ def cidr(value: Any) -> str:
         return str(ipaddress.ip_network(value, strict=False))
     except ValueError:
         raise Invalid(f"expected an address or CIDR such as \"10.0.0.0/8\" or \"fd00::/8\", got {shown(value)}") from None
+
+
+def read_at_most(fd: int, limit: int) -> bytes:
+    """At most `limit` + 1 bytes of an open file: one byte more than allowed tells the
+    caller the file is too large, without reading a /dev/zero or a huge file to its end."""
+    import os
+
+    chunks, size = [], 0
+    while size <= limit:
+        chunk = os.read(fd, limit + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)

@@ -100,6 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--max-age", type=float, default=CHECK_MAX_AGE, metavar="SECONDS",
                         help=f"with --check: the oldest last tick still alive (default {CHECK_MAX_AGE:g})")
 
+    top = sub.add_parser(
+        "top", formatter_class=_Formatter,
+        help="live view of the node's network namespaces by conntrack usage, with the top talkers",
+        description="Every watched network namespace by usage (count, fill rate, time to full, drops, "
+                    "what runs there), and who fills the selected one (a bounded pass over its table). "
+                    "Reads the kernel; changes nothing. Ctrl-C stops it.")
+    _config_arg(top)
+    top.add_argument("--namespaces", nargs="+", metavar="PATTERN",
+                     help='patterns instead of the policy\'s agent.namespaces, e.g. "*" for every namespace')
+    top.add_argument("--netns", metavar="NAME", help="the namespace whose talkers to show (default: the fullest)")
+    top.add_argument("--once", action="store_true", help="print one frame and exit (for scripts and tests)")
+    top.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="refresh period (default 1)")
+
     recommend = sub.add_parser(
         "recommend", formatter_class=_Formatter,
         help="static settings (sysctl.d, kube-proxy) from the daily peaks the agent recorded",
@@ -168,7 +181,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     # of objects, every command's options) goes first, its memory free for the daemon.
     del parser
     handler = {"run": cmd_run, "check": cmd_check, "plan": cmd_plan, "status": cmd_status,
-               "restore": cmd_restore, "evict": cmd_evict, "recommend": cmd_recommend}[args.command]
+               "restore": cmd_restore, "evict": cmd_evict, "recommend": cmd_recommend,
+               "top": cmd_top}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -399,6 +413,72 @@ def _fullest_count(kernel: Any, namespaces: Tuple[str, ...]) -> Tuple[int, str]:
         if count >= best:
             best, where = count, (f"netns {name}" if name else "this netns")
     return best, where
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from dataclasses import replace as _replace
+
+    from . import attribution, logsetup, service
+
+    policy = _load_or_report(args)
+    if policy is None:
+        return EXIT_CONFIG
+    if args.namespaces:
+        bad = [p for p in args.namespaces if not config.valid_netns_pattern(p)]
+        if bad:
+            print(f"conntrack-agent: not a namespace pattern: {', '.join(bad)}", file=sys.stderr)
+            return EXIT_FAIL
+        policy = _replace(policy, agent=_replace(policy.agent, namespaces=tuple(args.namespaces)))
+    logsetup.configure("json", stream=open(os.devnull, "w"))
+    agent = service.Agent(None, True, logsetup.get_logger(), initial=policy, read_only=True)
+    agent.start()
+    drops: dict = {}
+    frames = 0
+    try:
+        while True:
+            time.sleep(max(0.2, args.interval) if frames or not args.once else 0.5)
+            agent._discover()
+            if agent.sampler.unavailable:
+                agent._probe()
+            sample = agent.sampler.sample(counters=True)
+            if sample is None:
+                print(f"conntrack-agent: {agent.status_line()}", file=sys.stderr)
+                return EXIT_FAIL
+            frames += 1
+            if frames < 2:
+                continue   # a second reading gives the fill rates
+            rows = []
+            for view in sample.namespaces:
+                drops[view.netns] = drops.get(view.netns, 0) + view.deltas.get("drop", 0) + view.deltas.get(
+                    "early_drop", 0)
+                labels = dict(agent.labels.get(view.netns, {}))
+                inode = int(labels.pop("netns_inode", 0) or 0)
+                rows.append(attribution.TopRow(view.netns or "host", inode, view.count, sample.max, view.fill_rate,
+                                               view.time_to_full, drops[view.netns], labels))
+            chosen = args.netns if args.netns is not None else sample.fullest.netns
+            talkers = None
+            if frames == 2 or frames % 5 == 0:
+                try:
+                    talkers = agent.kernel.attribute(chosen if chosen != "host" else "")
+                except OSError:
+                    talkers = None
+            frame = attribution.render_top(rows, selected=(chosen or "host"), attribution=talkers,
+                                           width=_terminal_width(), header=time.strftime("%H:%M:%S"))
+            if args.once:
+                print(frame)
+                return EXIT_OK
+            print("\033[H\033[2J" + frame, flush=True)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    finally:
+        agent.stop("top ended")
+
+
+def _terminal_width() -> int:
+    try:
+        return max(60, os.get_terminal_size().columns)
+    except OSError:
+        return 120
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import tomlfile
+from .checks import read_at_most
 from .checks import (  # noqa: F401 (the value kinds are part of this module's API)
     Check,
     Invalid,
@@ -108,6 +109,25 @@ _NETNS_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 def valid_netns_name(name: Any) -> bool:
     """A name of an entry in /run/netns: never a path, never "." or ".."."""
     return isinstance(name, str) and _NETNS_NAME.fullmatch(name) is not None and name not in (".", "..")
+
+
+_NETNS_PATTERN = re.compile(r"[A-Za-z0-9_.\-*?\[\]!]{1,64}")
+
+
+def valid_netns_pattern(pattern: Any) -> bool:
+    """An agent.namespaces entry: a /run/netns name, a glob over those names
+    ("cni-*"), "host" (the agent's own namespace) or "*" (every namespace on the
+    node, named or not). Never a path, never "." or ".."."""
+    return (isinstance(pattern, str) and _NETNS_PATTERN.fullmatch(pattern) is not None
+            and pattern not in (".", "..") and pattern.count("[") == pattern.count("]"))
+
+
+def NETNS_PATTERN(value: Any) -> str:  # noqa: N802 (a check, named like the other constants of the schema)
+    if not valid_netns_pattern(value):
+        raise Invalid(f"expected a namespace name from /run/netns, a glob over them (\"cni-*\"), \"host\" or "
+                      f"\"*\" (letters, digits, '-', '_', '.', '*', '?', '[', ']', '!', at most 64; not a path, "
+                      f"not '.' or '..'), got {shown(value)}")
+    return value
 
 
 def NETNS_NAME(value: Any) -> str:  # noqa: N802 (a check, named like the other constants of the schema)
@@ -212,6 +232,9 @@ class AgentSettings:
     dry_run: bool = False
     max_actions_per_tick: int = 2
     namespaces: Tuple[str, ...] = ()
+    # At most this many namespaces are watched (one kept-open socket and file each);
+    # more matching ones are logged once and left out.
+    max_namespaces: int = 256
     state_file: str = "/var/lib/conntrack-agent/state.json"
     on_external_change: str = "back_off"
     log_format: str = "auto"
@@ -421,7 +444,8 @@ _SCHEMA: Dict[str, Dict[str, Check]] = {
         "fill_rate_window": duration(0.01, 600.0),
         "dry_run": boolean,
         "max_actions_per_tick": number(1, 16, integer=True),
-        "namespaces": string_list(NETNS_NAME),
+        "namespaces": string_list(NETNS_PATTERN),
+        "max_namespaces": number(1, 4096, integer=True),
         "state_file": state_path,
         "on_external_change": choice("back_off", "reassert"),
         "log_format": choice("auto", "console", "json", "journal"),
@@ -850,25 +874,18 @@ def read_policy_file(file: str) -> bytes:
         fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise Invalid(_cannot(exc)) from None
-    chunks: List[bytes] = []
-    size = 0
     try:
         refused = _not_regular(os.fstat(fd).st_mode)
         if refused:
             raise Invalid(refused)
-        while size <= MAX_FILE_BYTES:
-            chunk = os.read(fd, MAX_FILE_BYTES + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
+        data = read_at_most(fd, MAX_FILE_BYTES)
     except OSError as exc:
         raise Invalid(_cannot(exc)) from None
     finally:
         os.close(fd)
-    if size > MAX_FILE_BYTES:
+    if len(data) > MAX_FILE_BYTES:
         raise Invalid(too_large)
-    return b"".join(chunks)
+    return data
 
 
 def _present(file: str) -> bool:

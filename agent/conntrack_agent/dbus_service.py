@@ -10,11 +10,12 @@ properties for what `conntrack-agent status` shows, Reload and Evaluate, and a
 Decision signal. Bus name, path and interface are versioned by the trailing "1"
 and never change meaning; a breaking change gets a "2".
 
-Access: systemd/io.github.conntrack_agent1.conf lets root and the adm group read
-properties, anyone introspect, and only root call methods. The methods check the
-caller's uid again themselves, because a bus policy is one admin edit away from
-being wrong, and a reload or an evaluation run on behalf of anyone would let any
-local user make the agent touch the kernel.
+Access: systemd/io.github.conntrack_agent1.conf lets root and the
+conntrack-agent group read properties and introspect, nobody else anything, and
+only root call methods. The methods check the caller's uid again themselves,
+because a bus policy is one admin edit away from being wrong, and a reload or an
+evaluation run on behalf of anyone would let any local user make the agent touch
+the kernel.
 
 Cost per call: the bus's work runs in the agent's one thread, between ticks, so
 it must be small and must not come first. Property reads are answered from
@@ -29,6 +30,7 @@ due tick goes before queued calls. Measured in systemd/README.md.
 from __future__ import annotations
 
 import json
+import math
 import signal
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -43,6 +45,13 @@ PROPERTIES_INTERFACE = "org.freedesktop.DBus.Properties"
 # Milliseconds to wait for the bus daemon (uid look-up) or for the agent (status):
 # the agent answers from memory, so anything slower means it is stuck.
 CALL_TIMEOUT_MS = 2000
+
+# References an invocation holds when the closure runs with the leak described in
+# publish(): the dispatching source's, the leaked one, the closure argument's and
+# the Python wrapper's (3 without the leak). Fewer means someone (a PyGObject that
+# works around it itself) already dropped it: dropping it again would free the
+# invocation under GDBus's feet, so handle_call leaves it.
+LEAKED_INVOCATION_REFS = 4
 
 # GDBus dispatches each incoming call as its own source at G_PRIORITY_DEFAULT.
 # The loop's timers (the tick, the watchdog) run above it: when a tick is due, the
@@ -152,6 +161,7 @@ class AgentObject:
         self._values: Optional[Dict[str, Any]] = None
         self._replies: Optional[Tuple[Any, Dict[str, Any]]] = None
         self._snapshot_error: Optional[str] = None
+        self.drop_invocation_ref = False
 
     def invalidate(self) -> None:
         self._values = None
@@ -198,16 +208,20 @@ class AgentObject:
 
     # dispatch ------------------------------------------------------------------
 
-    def call(self, sender: Optional[str], interface: str, method: str, args: Tuple[Any, ...]) -> Any:
+    def call(self, sender: Optional[str], interface: str, method: str, parameters: Any) -> Any:
         """One call, as GDBus hands it over (it has already checked the interface,
         the property names and readability, and the argument types against
-        INTROSPECTION). Returns the reply's GLib.Variant or None; raises DBusError."""
+        INTROSPECTION). `parameters`: the call's GLib.Variant tuple. Returns the
+        reply's GLib.Variant or None; raises DBusError. A property read only picks
+        a cached reply: it unpacks nothing, builds nothing."""
         if interface == PROPERTIES_INTERFACE:
-            getall, get = self.replies()
+            getall, get = self._replies or self.replies()
             if method == "GetAll":
                 return getall
-            if method == "Get" and args[1] in get:
-                return get[args[1]]
+            if method == "Get":
+                reply = get.get(parameters.get_child_value(1).get_string())
+                if reply is not None:
+                    return reply
         elif interface == INTERFACE:
             if method == "Reload":
                 self.Reload(sender)
@@ -218,16 +232,20 @@ class AgentObject:
 
     def handle_call(self, _connection: Any, sender: str, _path: str, interface: str, method: str,
                     parameters: Any, invocation: Any) -> None:
+        """The closure registered for the object. `drop_invocation_ref`: see
+        publish()."""
+        leaked = self.drop_invocation_ref and invocation.__grefcount__ >= LEAKED_INVOCATION_REFS
         try:
-            reply = self.call(sender, interface, method, tuple(parameters.unpack()) if parameters else ())
+            reply = self.call(sender, interface, method, parameters)
         except DBusError as exc:
             invocation.return_dbus_error(type(exc).__name__, str(exc))
-            return
         except Exception as exc:  # noqa: BLE001 - the caller gets an error, never silence
             self._log_failure(method, exc)
             invocation.return_dbus_error(Failed.__name__, f"{method} failed: {type(exc).__name__}: {exc}")
-            return
-        invocation.return_value(reply)
+        else:
+            invocation.return_value(reply)
+        if leaked:
+            invocation._unref()
 
     # methods -----------------------------------------------------------------
 
@@ -356,7 +374,19 @@ def publish(agent: Any, reload: Callable[[], bool], log_failure: Callable[[str, 
     interface = Gio.DBusNodeInfo.new_for_xml(INTROSPECTION).interfaces[0]
     # Calls are dispatched in the main context (the thread-default one here), by
     # this one Python function; GDBus itself answers Introspect and Peer.Ping.
-    registration = connection.register_object(OBJECT_PATH, interface, obj.handle_call, None, None)
+    register2 = getattr(connection, "register_object_with_closures2", None)
+    if register2 is not None:  # GLib >= 2.84: references as a binding expects them
+        registration = register2(OBJECT_PATH, interface, obj.handle_call, None, None)
+    else:
+        # PyGObject's register_object is g_dbus_connection_register_object_with_closures,
+        # which hands each call's invocation to the closure with one reference nobody
+        # drops (GNOME/glib#3560; only 2.82.3 shipped a fix, reverted in 2.82.4 as an
+        # API break): about 2 KB leaked a call, measured, so every property read
+        # (pydbus's registration included) grew the agent for good. handle_call
+        # drops that reference after replying.
+        exactly_2_82_3 = GLib.check_version(2, 82, 3) is None and GLib.check_version(2, 82, 4) is not None
+        obj.drop_invocation_ref = not exactly_2_82_3
+        registration = connection.register_object(OBJECT_PATH, interface, obj.handle_call, None, None)
     try:
         # No replacement: a second agent must not silently take over the API.
         owner = _NameOwner(connection, BUS_NAME)
@@ -381,38 +411,61 @@ def publish(agent: Any, reload: Callable[[], bool], log_failure: Callable[[str, 
 # ------------------------------------------------------------------ the main loop
 
 
+class _TimerSource(GLib.Source):
+    """The loop's timers (mainloop.Timers) as one GLib source: the main loop polls
+    until the earliest is due, then this source runs the due ones."""
+
+    def __init__(self, timers: Any, call: Callable[[Callable[[], None]], None]) -> None:
+        super().__init__()
+        self.timers = timers
+        self.call = call
+
+    def prepare(self) -> Tuple[bool, int]:
+        due = self.timers.next_due()
+        if due is None:
+            return False, -1
+        wait = due - self.timers.clock()
+        if wait <= 0:
+            return True, 0
+        return False, max(1, math.ceil(wait * 1000))  # GLib polls in milliseconds
+
+    def check(self) -> bool:
+        due = self.timers.next_due()
+        return due is not None and due <= self.timers.clock()
+
+    def dispatch(self, _callback: Any, _args: Any) -> bool:
+        self.timers.run_due(self.call)
+        return True
+
+
 class GLibLoop:
     """mainloop's loop interface on GLib's main loop: timers, UNIX signals and the
-    bus, all in this one thread. A callback that raises goes to on_error, and its
-    timer or signal source stays (PyGObject would otherwise treat the exception as
-    "remove this source": a reload that raised once would leave the next SIGHUP to
-    its default action, death)."""
+    bus, all in this one thread. Timers run from one GLib source at TIMER_PRIORITY
+    (see mainloop.Timers for why not one GLib source each). A callback that raises
+    goes to on_error, and its timer or signal source stays (PyGObject would
+    otherwise treat the exception as "remove this source": a reload that raised
+    once would leave the next SIGHUP to its default action, death)."""
 
     def __init__(self) -> None:
-        from .mainloop import print_exception
+        from .mainloop import Timers, print_exception
 
         self._loop = GLib.MainLoop()
         self._signal_sources: List[int] = []
         self._readers: Dict[int, int] = {}   # fd -> source id
         self.on_error: Callable[[BaseException], None] = print_exception
+        self._timers = Timers()
+        self.call_later = self._timers.call_later
+        self.every = self._timers.every
+        self.cancel = self._timers.cancel
+        self._source = _TimerSource(self._timers, self._call)
+        self._source.set_priority(TIMER_PRIORITY)
+        self._source.attach(None)
 
     def _call(self, callback: Callable[..., None], *args: Any) -> None:
         try:
             callback(*args)
         except Exception as exc:  # noqa: BLE001 - the loop outlives a broken callback
             self.on_error(exc)
-
-    def call_later(self, seconds: float, callback: Callable[[], None]) -> int:
-        def once() -> bool:
-            self._call(callback)
-            return False
-        return GLib.timeout_add(max(0, int(seconds * 1000)), once, priority=TIMER_PRIORITY)
-
-    def every(self, seconds: float, callback: Callable[[], None]) -> int:
-        def repeat() -> bool:
-            self._call(callback)
-            return True
-        return GLib.timeout_add(max(1, int(seconds * 1000)), repeat, priority=TIMER_PRIORITY)
 
     def on_signal(self, signum: int, callback: Callable[[int], None]) -> int:
         def handler() -> bool:
@@ -431,14 +484,7 @@ class GLibLoop:
     def remove_readable(self, fd: int) -> None:
         source_id = self._readers.pop(fd, None)
         if source_id is not None:
-            self.cancel(source_id)
-
-    def cancel(self, source_id: int) -> None:
-        # A one-shot source is gone once it ran; removing it again would be a
-        # GLib-CRITICAL warning on stderr.
-        source = GLib.MainContext.default().find_source_by_id(source_id)
-        if source is not None and not source.is_destroyed():
-            source.destroy()
+            _destroy_source(source_id)
 
     def run(self) -> None:
         self._loop.run()
@@ -447,11 +493,21 @@ class GLibLoop:
         self._loop.quit()
 
     def close(self) -> None:
-        """Give the signals back: GLib restores their default action once no
-        source watches them."""
-        for source_id in self._signal_sources:
-            self.cancel(source_id)
+        """Detach the timers and fd watches and give the signals back: GLib restores
+        a signal's default action once no source watches it."""
+        if not self._source.is_destroyed():
+            self._source.destroy()
+        for source_id in self._signal_sources + list(self._readers.values()):
+            _destroy_source(source_id)
         self._signal_sources.clear()
+        self._readers.clear()
+
+
+def _destroy_source(source_id: int) -> None:
+    # Removing a source that is already gone would be a GLib-CRITICAL warning on stderr.
+    source = GLib.MainContext.default().find_source_by_id(source_id)
+    if source is not None and not source.is_destroyed():
+        source.destroy()
 
 
 # ------------------------------------------------------------------ the client side

@@ -94,6 +94,8 @@ def _evaluate_trigger(rule: Rule, sample: Sample, rule_memory: RuleMemory) -> Tu
 
     fired = all(results) if trigger.match == "all" else any(results)
     reasons = [r for r in results if r] if fired else []
+    if held_since == rule_memory.held_since and held_samples == rule_memory.held_samples:
+        return reasons, netns, rule_memory   # unchanged: no copy (this runs for every rule, every tick)
     return reasons, netns, replace(rule_memory, held_since=held_since, held_samples=held_samples)
 
 
@@ -125,7 +127,7 @@ def decide(sample: Sample, policy: Policy, memory: Memory, env: Environment,
     def context(**extra) -> Context:
         return Context(sample, policy, memory, env, owned, **extra)
 
-    for action in actions.REGISTRY.values():
+    for action in actions.WATCHERS:
         proposed, memory = action.watch(context(dry_run=policy.agent.dry_run))
         take(proposed)
         # A backed-off change is no longer owned by the time the rules look.
@@ -137,9 +139,10 @@ def decide(sample: Sample, policy: Policy, memory: Memory, env: Environment,
 
     for rule in policy.active_rules():
         action = actions.get(rule.action)
-        rule_memory = memory.rule(rule.name)
-        reasons, netns, rule_memory = _evaluate_trigger(rule, sample, rule_memory)
-        memory = memory.with_rule(rule.name, rule_memory)
+        before_trigger = memory.rule(rule.name)
+        reasons, netns, rule_memory = _evaluate_trigger(rule, sample, before_trigger)
+        if rule_memory is not before_trigger:
+            memory = memory.with_rule(rule.name, rule_memory)
         dry_run = policy.agent.dry_run or rule.dry_run
         cooled = rule_memory.last_fired is None or sample.time - rule_memory.last_fired >= rule.cooldown
         if reasons:
@@ -155,13 +158,16 @@ def decide(sample: Sample, policy: Policy, memory: Memory, env: Environment,
             if memory.rule(rule.name).calm_since is not None:
                 memory = memory.with_rule(rule.name, replace(memory.rule(rule.name), calm_since=None))
         else:
-            proposed, rule_memory = action.settle(rule, context(dry_run=dry_run), memory.rule(rule.name))
-            if take(proposed):
+            current = memory.rule(rule.name)
+            proposed, rule_memory = action.settle(rule, context(dry_run=dry_run), current)
+            if take(proposed) and rule_memory is not current:
                 memory = memory.with_rule(rule.name, rule_memory)
-        before = memory
-        proposed, memory = action.follow_up(rule, context(dry_run=dry_run))
-        if not take(proposed):
-            memory = before
+        follower = actions.FOLLOWERS.get(rule.action)
+        if follower is not None:
+            before = memory
+            proposed, memory = follower.follow_up(rule, context(dry_run=dry_run))
+            if not take(proposed):
+                memory = before
 
     race, memory = _insert_races(sample, policy, memory)
     decisions.extend(race)
@@ -174,6 +180,8 @@ def decide(sample: Sample, policy: Policy, memory: Memory, env: Environment,
 def _orphans(sample: Sample, policy: Policy, memory: Memory, env: Environment,
              owned: Tuple[Owned, ...]) -> Tuple[List[Decision], Memory]:
     """Changes no enabled rule stands behind: put back once their recorded calm holds."""
+    if not owned and not memory.orphan_calm and not memory.orphan_retry_at:
+        return [], memory
     rules = policy.active_rules()
     calm_since = dict(memory.orphan_calm)
     due: Dict[str, List[Owned]] = {}

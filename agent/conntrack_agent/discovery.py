@@ -497,6 +497,19 @@ class Discovery:
         return Changes(appeared, vanished, renamed)
 
 
+def find_pid_of(inode: int, proc: str = PROC, max_pids: int = 100000) -> Optional[int]:
+    """A process in the network namespace with this inode (the lowest pid), or None:
+    one full walk of /proc, for a caller that only has a recorded inode."""
+    try:
+        pids = sorted(int(n) for n in os.listdir(proc) if n.isdigit())
+    except OSError:
+        return None
+    for pid in pids[:max_pids]:
+        if read_ns_inode_quiet("%s/%d/ns/net" % (proc, pid)) == inode:
+            return pid
+    return None
+
+
 def read_ns_inode_quiet(path: str) -> Optional[int]:
     try:
         return read_ns_inode(path)
@@ -507,17 +520,11 @@ def read_ns_inode_quiet(path: str) -> Optional[int]:
 # --------------------------------------------------------------------------- patterns
 
 _GLOB_CHARS = frozenset("*?[")
-_PATTERN = re.compile(r"[A-Za-z0-9_.\-*?\[\]!]{1,64}\Z")
-
-
 def is_valid_pattern(pattern: str) -> bool:
     """Whether a policy entry is a namespace pattern this module understands: a
-    /run/netns name, a glob over them, "host" or "*"."""
-    if not _PATTERN.match(pattern) or pattern in (".", ".."):
-        return False
-    if pattern.count("[") != pattern.count("]"):
-        return False
-    return True
+    /run/netns name, a glob over them, "host" or "*" (the policy's own check)."""
+    from .config import valid_netns_pattern
+    return valid_netns_pattern(pattern)
 
 
 def _is_glob(pattern: str) -> bool:

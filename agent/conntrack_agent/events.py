@@ -72,6 +72,16 @@ EVENTS: Dict[str, EventKind] = {
                                 "reloading by itself when the policy changes in {directories} "
                                 "(agent.watch_policy)"),
     "insert_race": EventKind("8f0b2d4e6a1c4e5a7b9d1f3a5c7e9b31", WARNING, "{reason}"),
+    "namespace_watched": EventKind("1c3e5a7c9e0b4d2f8a6c4e2a0b8d6f91", INFO,
+                                   "watching {netns_label} (net:[{netns_inode}])"),
+    "namespace_dropped": EventKind("3e5a7c9e1b2d4f6a8c0e2b4d6f8a0c15", INFO,
+                                   "{netns_label} (net:[{netns_inode}]) is gone or no longer wanted: not watched"),
+    "namespace_cap": EventKind("5a7c9e1b3d4f4a6c8e0a2c4e6a8c0e27", WARNING,
+                               "{left_out} more network namespaces match agent.namespaces than agent.max_namespaces "
+                               "({cap}) allows: left out (e.g. {examples}); the agent's own and those already "
+                               "watched keep their place"),
+    "pressure_attribution": EventKind("7c9e1b3d5f6a4c8e0a2c4e6b8d0f2a39", INFO,
+                                      "who fills {netns_label}: {summary}"),
     "restore_skipped": EventKind("77c1d2a9e5b04f3c8a6d9e2f1b0c4a57", WARNING,
                                  "not restoring {name} in {netns_label}: {reason}"),
     "reload_failed": EventKind("ddc94c70b5a745078fe0e2ff665e9234", ERR,

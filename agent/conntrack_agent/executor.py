@@ -52,6 +52,7 @@ class Executor:
         self.kernel = kernel
         self.usage = usage or (lambda: 0.0)
         self.on_event = on_event    # sees every event it logs (the metrics' counters)
+        self.labels: Dict[str, Dict[str, Any]] = {}   # namespace -> netns_inode, cgroup, pod_uid (the agent's)
 
     def _emit(self, kind: str, dry_run: bool = False, **fields: Any) -> None:
         if self.on_event is not None:
@@ -62,6 +63,7 @@ class Executor:
         fields = sample_fields(sample)
         fields.update(rule=decision.rule, action=decision.kind, reason=decision.reason,
                       netns=decision.netns, netns_label=netns_label(decision.netns))
+        fields.update(self.labels.get(decision.netns, {}))
         if not decision.is_action:
             if decision.restores:
                 fields["name"] = decision.restores[0].name

@@ -38,10 +38,16 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Dict, List, Optional, Tuple
 
+from .checks import read_at_most
+
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 
-ACTIONS = ("raise_max", "resize_buckets", "set_timeouts")
+def recording_actions() -> Tuple[str, ...]:
+    """The action kinds whose changes the journal records: from the action registry
+    (actions/), so a new action needs no edit here."""
+    from .actions import REGISTRY
+    return tuple(kind for kind, action in REGISTRY.items() if action.records)
 
 # Bounds. A record serialises to at most ~450 bytes, so MAX_RECORDS of them fit
 # well inside MAX_FILE_BYTES: a journal the agent writes can always be read back
@@ -71,11 +77,9 @@ _QUARANTINE_ATTEMPTS = 100
 
 
 def _random_token() -> str:
-    """The random part of temporary file names (tests replace it to plant names).
-
-    os.urandom, as secrets.token_hex does, without importing secrets: its hmac and
-    hashlib map OpenSSL's libcrypto into the daemon, +3.7 MB of RSS (measured with
-    Debian 12's /usr/bin/python3, a fresh interpreter importing hashlib)."""
+    """The random part of temporary file names (tests replace it to plant names)."""
+    # os.urandom, not secrets: secrets imports hashlib, which maps OpenSSL's libcrypto
+    # (~3.7 MB of the agent's resident memory) for 8 random bytes.
     return os.urandom(8).hex()
 
 
@@ -83,7 +87,7 @@ def _random_token() -> str:
 class Change:
     netns: str                 # "" = the agent's own namespace and global values
     name: str                  # sysctl file name, e.g. "nf_conntrack_max", "nf_conntrack_udp_timeout"
-    action: str                # the action kind that made it: one of ACTIONS
+    action: str                # the action kind that made it: one of recording_actions()
     original: int              # value before the agent's first change
     applied: int               # value the agent wrote (or is about to write, while pending)
     rule: str                  # owner rule name ("" allowed)
@@ -195,8 +199,9 @@ def _check_netns(value: Any) -> str:
 
 
 def _check_action(value: Any) -> str:
-    if type(value) is not str or value not in ACTIONS:
-        raise _Invalid(f"expected one of {', '.join(ACTIONS)}, got {_describe(value)}")
+    kinds = recording_actions()
+    if type(value) is not str or value not in kinds:
+        raise _Invalid(f"expected one of {', '.join(kinds)}, got {_describe(value)}")
     return value
 
 
@@ -467,14 +472,7 @@ class ChangeJournal:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 return None, st, _kind(st.st_mode)
-            chunks, size = [], 0
-            while size <= MAX_FILE_BYTES:
-                chunk = os.read(fd, MAX_FILE_BYTES + 1 - size)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-            return b"".join(chunks), st, None
+            return read_at_most(fd, MAX_FILE_BYTES), st, None
         except OSError as exc:
             raise self._error("cannot read", exc) from None
         finally:

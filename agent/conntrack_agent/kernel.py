@@ -18,7 +18,7 @@ max outside the initial namespace) from one worth retrying.
 from __future__ import annotations
 
 import errno
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import ctnetlink, model, netns, procfs
 
@@ -38,6 +38,21 @@ PERMANENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.EOPN
 # counters are cumulative, so a skipped tick only moves its delta to the next read.
 COUNTERS_EVERY_TICK_FROM = 0.5
 COUNTERS_REFRESH = 1.0
+
+
+# Unnamed namespaces (no /run/netns name) go by this prefix and their nsfs inode,
+# "net-4026532281": a name the state file can record, resolved to a process in it.
+UNNAMED_PREFIX = "net-"
+
+
+def unnamed_name(inode: int) -> str:
+    return f"{UNNAMED_PREFIX}{inode}"
+
+
+def unnamed_inode(name: str) -> Optional[int]:
+    if name.startswith(UNNAMED_PREFIX) and name[len(UNNAMED_PREFIX):].isdigit():
+        return int(name[len(UNNAMED_PREFIX):])
+    return None
 
 
 def is_permanent(error: BaseException) -> bool:
@@ -99,6 +114,9 @@ class Kernel:
     def evict(self, spec: Any, netns_name: str, dry_run: bool, usage: Callable[[], float], log: Any) -> Any:
         raise NotImplementedError
 
+    def attribute(self, netns_name: str, count: Optional[int] = None) -> Any:
+        raise NotImplementedError
+
 
 class LinuxProbe(Probe):
     """Per namespace, opened once inside it: a ctnetlink socket (count and max in one
@@ -106,7 +124,7 @@ class LinuxProbe(Probe):
     ctnetlink cannot be used, the /proc files stand in (count, max, and the per-CPU
     counters from /proc/net/stat/nf_conntrack at ~18 µs)."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, enter: Callable[[str], Any] = netns.entered):
         self.name = name
         self.source = "ctnetlink"
         self.fallback_reason = None
@@ -117,7 +135,7 @@ class LinuxProbe(Probe):
         self._count = self._max = None
         self._stat: Optional[procfs.StatFile] = None
         self._buckets = None
-        with netns.entered(name):
+        with enter(name):
             if not procfs.conntrack_loaded():
                 raise ConntrackMissing(errno.ENOENT, "nf_conntrack is not loaded",
                                        procfs.sysctl_path("nf_conntrack_count"))
@@ -157,12 +175,34 @@ class LinuxProbe(Probe):
 
 
 class LinuxKernel(Kernel):
+    def __init__(self) -> None:
+        # Unnamed namespaces the agent discovered: name -> (nsfs key, a pid in it).
+        self.unnamed: Dict[str, Tuple[Tuple[int, int], Optional[int]]] = {}
+
+    def entered(self, netns_name: str) -> Any:
+        """Enter a namespace by the agent's name for it: "" (its own), a /run/netns
+        name, or "net-INODE" for an unnamed one (through a process in it, checked to
+        still be that namespace; found by a /proc scan when the agent did not
+        discover it itself, as for `conntrack-agent restore`)."""
+        inode = unnamed_inode(netns_name)
+        if inode is None:
+            return netns.entered(netns_name)
+        from . import discovery
+
+        key, pid = self.unnamed.get(netns_name, (None, None))
+        if pid is None:
+            pid = discovery.find_pid_of(inode)
+            if pid is None:
+                raise NamespaceMissing(errno.ENOENT, f"network namespace {netns_name}: no process is in it")
+            key = (discovery.own_key()[0], inode)
+        return discovery.entered_path(f"/proc/{pid}/ns/net", key)
+
     def read_sysctl(self, netns_name: str, name: str) -> int:
-        with netns.entered(netns_name):
+        with self.entered(netns_name):
             return self._checked(procfs.read_sysctl, name)
 
     def write_sysctl(self, netns_name: str, name: str, value: int) -> None:
-        with netns.entered(netns_name):
+        with self.entered(netns_name):
             self._checked(procfs.write_sysctl, name, value)
 
     @staticmethod
@@ -177,14 +217,20 @@ class LinuxKernel(Kernel):
             raise
 
     def open_probe(self, netns_name: str) -> Probe:
-        return LinuxProbe(netns_name)
+        return LinuxProbe(netns_name, self.entered)
 
     def sysctl_names(self, netns_name: str) -> List[str]:
         import os
-        with netns.entered(netns_name):
+        with self.entered(netns_name):
             return sorted(os.listdir(procfs.SYSCTL_DIR))
 
     def namespace_exists(self, netns_name: str) -> bool:
+        if unnamed_inode(netns_name) is not None:
+            try:
+                with self.entered(netns_name):
+                    return True
+            except OSError:
+                return False
         return netns.exists(netns_name)
 
     def mem_total(self) -> int:
@@ -197,9 +243,20 @@ class LinuxKernel(Kernel):
         from . import evict  # the engine and its codec load only when a sweep runs
 
         # A socket of its own: a dump owns its socket's receive queue until read to the end.
-        with netns.entered(netns_name):
+        with self.entered(netns_name):
             sock = ctnetlink.CtnetlinkSocket()
         try:
             return evict.evict(sock, spec, dry_run=dry_run, usage=usage, log=log)
+        finally:
+            sock.close()
+
+    def attribute(self, netns_name: str, count: Optional[int] = None) -> Any:
+        """One bounded pass over a namespace's table: who fills it (attribution.py)."""
+        from . import attribution
+
+        with self.entered(netns_name):
+            sock = ctnetlink.CtnetlinkSocket()
+        try:
+            return attribution.attribute(sock, expected=count)
         finally:
             sock.close()

@@ -30,6 +30,21 @@ class Sampler:
         self.unavailable: Dict[str, str] = {}   # namespace -> why, for the log
         self.last_readings: Dict[str, model.Reading] = {}   # the cumulative counters, for the metrics
 
+    def set_namespaces(self, namespaces: Tuple[str, ...]) -> List[str]:
+        """Watch these from now on (discovery's answer): probes of namespaces no longer
+        wanted are closed at once (an open socket keeps a deleted namespace alive, with
+        its entries); new ones open at the next open_missing(). Returns those dropped."""
+        dropped = [name for name in self.probes if name not in namespaces]
+        for name in dropped:
+            self.probes.pop(name).close()
+            self.tracker.forget(name)
+            self.last_readings.pop(name, None)
+        for name in list(self.unavailable):
+            if name not in namespaces:
+                del self.unavailable[name]
+        self.namespaces = namespaces or ("",)
+        return dropped
+
     def open_missing(self) -> Tuple[List[str], Dict[str, str]]:
         """(Re)try the namespaces not open yet. Returns (newly opened, newly failed)."""
         opened, failed = [], {}

@@ -36,6 +36,15 @@ STATUS_INTERVAL = 1.0
 METRICS_CALM_INTERVAL = 15.0
 METRICS_BUSY_INTERVAL = 1.0
 REPORT_INTERVAL = 5.0
+# The /proc scan for unnamed namespaces ("*"): this often, so a new pod's namespace is
+# watched within 2 s; ~1.3 ms a scan of 130 processes here, capped at 20 ms a scan.
+DISCOVERY_SCAN = 1.5
+# Without "*" the scan only finds a process in each named namespace, for its labels.
+LABEL_SCAN = 10.0
+# Who fills the table (attribution.py): one pass when a pressure episode starts, and
+# again at most this often while it lasts. In a thread of its own: a pass walks the
+# whole global table (~94 ms with 250k entries) and must not delay the tick's actions.
+ATTRIBUTION_INTERVAL = 60.0
 # The daily peaks (peaks.py, for `recommend`) reach the disk at most this often.
 PEAKS_SAVE_INTERVAL = 600.0
 # A namespace holding changes the agent recorded that cannot be entered for this long
@@ -73,6 +82,13 @@ class Agent:
         self._calm_since: Optional[float] = None
         self._status_sent_at: Optional[float] = None
         self._missing_since: Dict[str, float] = {}   # namespace -> first failed entry (records there)
+        self.discovery: Any = None                     # with patterns ("*", "host", globs): discovery.Discovery
+        self.watched: Dict[str, Any] = {}              # agent's name for it -> discovery.Netns
+        self.labels: Dict[str, Dict[str, Any]] = {}    # agent's name -> netns_inode, cgroup, pod_uid, ...
+        self._cap_logged = False
+        self._attribution: Any = None                  # a pass under way (a thread) or its result
+        self.last_attribution: Any = None              # (netns, attribution.Attribution, wall time)
+        self._attributed_at: Optional[float] = None
         self._report_path = report_path
         self.read_only = read_only
         self.counters = metrics.Counters()
@@ -120,9 +136,12 @@ class Agent:
                                          namespaces=self.policy.agent.namespaces or ("",))
         self._open_sampler()
         self.executor = Executor(self.log, self.journal, self.kernel, self.current_usage, self.counters.event)
+        self.executor.labels = self.labels
         logsetup.emit(self.log, "agent_started", self.policy.agent.dry_run, version=__version__,
-                      namespaces=", ".join(netns_label(n) for n in self.sampler.namespaces),
+                      namespaces=", ".join(self.policy.agent.namespaces) if self._dynamic()
+                      else ", ".join(netns_label(n) for n in self.sampler.namespaces),
                       policy=self.policy_label, rules="; ".join(config.describe(self.policy)))
+        self._start_discovery()
         self._probe()
         if not self.read_only:
             self._recover_ownership()
@@ -147,8 +166,75 @@ class Agent:
     def _open_sampler(self) -> None:
         if self.sampler is not None:
             self.sampler.close()
-        self.sampler = Sampler(self.policy.agent.namespaces, self.policy.agent.fill_rate_window, self.clock,
-                               kernel=self.kernel)
+        names = tuple(self.watched) if self._dynamic() else self.policy.agent.namespaces
+        self.sampler = Sampler(names, self.policy.agent.fill_rate_window, self.clock, kernel=self.kernel)
+
+    # ------------------------------------------------------------------ the node's namespaces
+
+    def _dynamic(self) -> bool:
+        """Patterns ("*", "host", globs) are followed live; plain names are a fixed list."""
+        return any(p in ("*", "host") or any(c in p for c in "*?[") for p in self.policy.agent.namespaces)
+
+    def _start_discovery(self) -> None:
+        if not self._dynamic():
+            if self.discovery is not None:
+                self.discovery.close()
+                self.discovery = None
+            self.watched = {}
+            self.labels.clear()
+            return
+        from . import discovery
+
+        if self.discovery is None:
+            # Unnamed namespaces are only found by the /proc scan: often enough to see a
+            # new pod within 2 s when "*" asks for them; otherwise only for labels.
+            interval = DISCOVERY_SCAN if discovery.needs_unnamed(self.policy.agent.namespaces) else LABEL_SCAN
+            self.discovery = discovery.Discovery(scan_interval=interval, clock=self.clock)
+        self._apply_discovery(self.discovery.poll(rescan=True))
+
+    def _discover(self) -> None:
+        """Once a tick: a few µs when nothing changed."""
+        if self.discovery is None:
+            return
+        changes = self.discovery.poll()
+        if changes.appeared or changes.vanished or changes.renamed:
+            self._apply_discovery(changes)
+
+    def _apply_discovery(self, changes: Any) -> None:
+        from . import discovery, kernel as kernel_names
+
+        patterns = self.policy.agent.namespaces
+        keep = {ns.key for ns in self.watched.values()}
+        chosen, left_out = discovery.select(patterns, self.discovery.namespaces.values(),
+                                            self.policy.agent.max_namespaces, keep)
+        watched: Dict[str, Any] = {}
+        for ns in chosen:
+            name = "" if ns.host else (ns.names[0] if ns.names else kernel_names.unnamed_name(ns.inode))
+            watched[name] = ns
+            if not ns.host and not ns.names and hasattr(self.kernel, "unnamed"):
+                self.kernel.unnamed[name] = (ns.key, ns.pid)
+            labels = {k: v for k, v in discovery.labels_of(ns).items() if k != "netns"}
+            labels["netns_inode"] = ns.inode
+            self.labels[name] = labels
+        for name in [n for n in self.watched if n not in watched]:
+            self.labels.pop(name, None)
+            if hasattr(self.kernel, "unnamed"):
+                self.kernel.unnamed.pop(name, None)
+            logsetup.emit(self.log, "namespace_dropped", netns=name, netns_label=netns_label(name),
+                          netns_inode=self.watched[name].inode)
+        for name in [n for n in watched if n not in self.watched]:
+            logsetup.emit(self.log, "namespace_watched", netns=name, netns_label=netns_label(name),
+                          **self.labels.get(name, {}))
+        if left_out and not self._cap_logged:
+            self._cap_logged = True
+            logsetup.emit(self.log, "namespace_cap", cap=self.policy.agent.max_namespaces, left_out=len(left_out),
+                          examples=", ".join(ns.name for ns in left_out[:5]))
+        elif not left_out:
+            self._cap_logged = False
+        self.watched = watched
+        self.sampler.set_namespaces(tuple(watched))
+        self.env = replace(self.env, namespaces=tuple(watched) or ("",))
+        self._probe()   # open the new ones now, not at the next reprobe
 
     def _probe(self) -> None:
         """Open what is not open yet (a module loaded, a namespace appeared), and bring
@@ -272,6 +358,9 @@ class Agent:
     # ------------------------------------------------------------------ the tick
 
     def tick(self) -> float:
+        self._discover()
+        if self._attribution is not None:
+            self._collect_attribution()
         if self.sampler.unavailable and self.clock() >= self._next_probe:
             self._probe()
         sample = self.sampler.sample()
@@ -329,6 +418,46 @@ class Agent:
                 del self._missing_since[name]
                 logsetup.emit(self.log, "namespace_gone", decision.dry_run, netns=name,
                               netns_label=netns_label(name), changes=changes)
+
+    def _start_attribution(self, netns: str, count: int) -> None:
+        now = self.clock()
+        if self.read_only or self._attribution is not None:
+            return
+        if self._attributed_at is not None and now - self._attributed_at < ATTRIBUTION_INTERVAL:
+            return
+        self._attributed_at = now
+        import threading
+
+        box: Dict[str, Any] = {"netns": netns}
+
+        def run() -> None:
+            try:
+                box["result"] = self.kernel.attribute(netns, count)
+            except Exception as exc:  # noqa: BLE001 - reported by the tick that collects it
+                box["error"] = exc
+
+        box["thread"] = threading.Thread(target=run, name="attribution", daemon=True)
+        box["thread"].start()
+        self._attribution = box
+
+    def _collect_attribution(self) -> None:
+        """The pass's result, logged by the tick thread once it is there."""
+        box = self._attribution
+        if box is None or box["thread"].is_alive():
+            return
+        self._attribution = None
+        netns = box["netns"]
+        if "error" in box:
+            error = box["error"]
+            summary = f"the pass failed: {getattr(error, 'strerror', None) or error}"
+            self.last_attribution = None
+            fields: Dict[str, Any] = {}
+        else:
+            result = box["result"]
+            self.last_attribution = (netns, result, time.time())
+            summary, fields = attribution_summary(result)
+        logsetup.emit(self.log, "pressure_attribution", netns=netns, netns_label=netns_label(netns),
+                      summary=summary, **dict(fields, **self.labels.get(netns, {})))
 
     def status_due(self) -> bool:
         """Whether the one-line status (and the runtime report) is worth sending now: after
@@ -391,7 +520,9 @@ class Agent:
         self._under_pressure = busy
         fields = sample_fields(sample)
         netns = sample.soonest.netns
+        fields.update(self.labels.get(netns, {}))
         if busy:
+            self._start_attribution(netns, sample.soonest.count)
             ttf = sample.time_to_full
             detail = f"filling at {sample.fill_rate:+.0f}/s" + (f", full in {ttf:.1f}s" if ttf is not None else "")
             if sample.deltas.get("drop"):
@@ -414,7 +545,13 @@ class Agent:
         self.memory = replace(self.memory, lost=frozenset())  # a reload is the operator's "try again"
         if namespaces_changed:
             self.env = replace(self.env, namespaces=fresh.agent.namespaces or ("",))
+            if self.discovery is not None:
+                self.discovery.close()
+                self.discovery = None
+            self.watched = {}
+            self.labels.clear()
             self._open_sampler()
+            self._start_discovery()
             self._probe()
         logsetup.emit(self.log, "policy_loaded", self.policy.agent.dry_run, policy=self.policy_label,
                       rules="; ".join(config.describe(self.policy)))
@@ -488,7 +625,16 @@ class Agent:
                 covered=sorted(rm.covered),
                 calm_for=(t - rm.calm_since) if rm.calm_since is not None else None,
                 restore_after=spec_after.get(rule.action), lost=lost))
+        headroom = None
+        if sample is not None:
+            headroom = {"free": max(0, sample.max - sample.count)}
+            if self.last_attribution is not None and self.last_attribution[0] == sample.fullest.netns:
+                _, result, at = self.last_attribution
+                headroom["early_droppable"] = result.estimate(result.states.get("unreplied", 0))
+                headroom["effective"] = headroom["free"] + headroom["early_droppable"]
+                headroom["measured_at"] = at
         return {"pid": os.getpid(), "written_at": time.time(), "last_tick_at": self.last_tick_at,
+                "headroom": headroom, "labels": self.labels,
                 "policy": self.policy_label,
                 "dry_run": self.policy.agent.dry_run, "status": self.snapshot(), "owned": owned, "rules": rule_rows,
                 "plan": [f"{d.rule or '(agent)'}: would {d.describe() if d.is_action else 'notice ' + d.kind}: "
@@ -597,3 +743,28 @@ class Agent:
             self._metrics_server = None
         if self.sampler is not None:
             self.sampler.close()
+
+
+def attribution_summary(result: Any) -> Any:
+    """(one sentence, log fields) for an attribution pass."""
+    states = result.states
+    sampled = max(1, sum(states.values()))
+    mix = ", ".join(f"{n * 100 // sampled}% {name}" for name, n in sorted(states.items(), key=lambda kv: -kv[1]))
+    parts = [mix + " (unreplied: what the kernel's early_drop can reclaim)"]
+    if result.protocols:
+        parts.append("protocols " + ", ".join(f"{p} {result.estimate(n)}" for p, n in result.protocols.items()))
+    if result.sources:
+        parts.append("top sources " + ", ".join(f"{a} {result.estimate(n)}" for a, n in result.sources[:3]))
+    if result.destinations:
+        parts.append("top destinations " + ", ".join(f"{a} {result.estimate(n)}"
+                                                     for a, n in result.destinations[:3]))
+    parts.append(f"{result.sampled} of {result.total} entries decoded in {result.seconds * 1000:.0f} ms"
+                 + (f" (×{result.scale:.1f} to estimate)" if result.scale > 1 else ""))
+    if result.note:
+        parts.append(result.note)
+    fields = {"unreplied": result.estimate(states.get("unreplied", 0)),
+              "assured": result.estimate(states.get("assured", 0)),
+              "top_sources": [a for a, _ in result.sources[:5]],
+              "top_destinations": [a for a, _ in result.destinations[:5]],
+              "sampled": result.sampled, "total": result.total}
+    return "; ".join(parts), fields

@@ -272,3 +272,91 @@ def test_sysctl_d_is_lost_when_nf_conntrack_loads_late_and_the_uevent_says_when(
     print("uevent seen -> modprobe exited: median %.1f ms; writing sysctl.d's 2 values: %.2f ms; "
           "default max %s, established %s"
           % (_median(tail), result["apply_ms"], result["after_load"]["max"], result["after_load"]["established"]))
+
+
+# ---------------------------------------------------------------------------- the agent on that node
+
+AGENT_POLICY = """\
+[baseline]
+from_sysctl_d = true
+"""
+# Runs inside the VM: load the module, and time when the sysctl.d values are in
+# force, from the uevent (the module ready) and from the modprobe's start.
+LOAD_AND_TIME = r"""
+import json, select, subprocess, sys, time
+sys.path.insert(0, "/share/agent")
+from conntrack_agent import uevent
+
+def read(name):
+    try:
+        with open("/proc/sys/net/netfilter/" + name) as f:
+            return int(f.read())
+    except OSError:
+        return None
+
+with uevent.UeventListener() as listener:
+    started = time.monotonic()
+    proc = subprocess.Popen(["modprobe", "nf_conntrack"])
+    event_at = applied_at = None
+    while time.monotonic() - started < 30 and applied_at is None:
+        if event_at is None and select.select([listener], [], [], 0.002)[0]:
+            if any(uevent.is_conntrack_load(e) for e in listener.read_events()):
+                event_at = time.monotonic()
+        if read("nf_conntrack_max") == 131072 and read("nf_conntrack_tcp_timeout_established") == 7200:
+            applied_at = time.monotonic()
+        elif event_at is None:
+            time.sleep(0.001)
+    proc.wait(60)
+    print("TIMES " + json.dumps({
+        "spawn_to_applied_ms": None if applied_at is None else (applied_at - started) * 1000,
+        "event_to_applied_ms": None if None in (applied_at, event_at) else (applied_at - event_at) * 1000,
+        "max": read("nf_conntrack_max"), "established": read("nf_conntrack_tcp_timeout_established")}))
+"""
+AGENT_SCRIPT = r"""
+set -u
+echo "lsmod_conntrack $(lsmod | grep -c '^nf_conntrack' || true)"
+dpkg -i /share/conntrack-agent.deb > /share/out/dpkg.txt 2>&1 || { cat /share/out/dpkg.txt; exit 10; }
+mkdir -p /etc/conntrack-agent/policy.d
+cp /share/50-baseline.toml /etc/conntrack-agent/policy.d/
+systemctl restart conntrack-agent
+for i in $(seq 120); do
+    journalctl -u conntrack-agent -o cat | grep -q "conntrack is not available" && break
+    sleep 1
+done
+echo "agent_state $(systemctl is-active conntrack-agent)"
+python3 /share/load_and_time.py
+sleep 1
+echo "agent_after $(systemctl is-active conntrack-agent)"
+journalctl -u conntrack-agent -o json --no-pager | grep -F '"EVENT":"baseline_applied"' | sed 's/^/baseline_event /'
+journalctl -u conntrack-agent -o cat --no-pager | tail -20 | sed 's/^/agent_log /'
+"""
+
+
+def test_the_agent_applies_sysctl_d_the_moment_nf_conntrack_loads(tmp_path):
+    """The issue's done criterion on a whole Debian 12 node: the .deb installed, an
+    admin's sysctl.d file with conntrack values, nf_conntrack loaded after boot: the
+    values are in force at once (the agent heard the module's uevent)."""
+    _require()
+    sys.path.insert(0, str(HERE))
+    import pkgbuild
+    deb = pkgbuild.build_deb()
+    image = qemu.ensure_vm_image()
+    (tmp_path / "90-ctatest.conf").write_text(SYSCTL_FILE)
+    (tmp_path / "50-baseline.toml").write_text(AGENT_POLICY)
+    (tmp_path / "load_and_time.py").write_text(LOAD_AND_TIME)
+    files = {"root/etc/sysctl.d/90-ctatest.conf": tmp_path / "90-ctatest.conf",
+             "50-baseline.toml": tmp_path / "50-baseline.toml",
+             "load_and_time.py": tmp_path / "load_and_time.py",
+             "conntrack-agent.deb": deb,
+             "agent/conntrack_agent": REPO / "agent" / "conntrack_agent"}
+    code, out = qemu.run_in_vm(AGENT_SCRIPT, files, timeout=VM_TIMEOUT)
+    assert code == 0, out
+    lines = dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+    assert lines.get("lsmod_conntrack") == "0", out
+    assert lines.get("agent_state") == "active" and lines.get("agent_after") == "active", out
+    times = json.loads(lines["TIMES"])
+    assert (times["max"], times["established"]) == (131072, 7200), out
+    event = json.loads(lines["baseline_event"])
+    assert "90-ctatest.conf" in event["CHANGES"], event
+    print(f"\nmodprobe started -> sysctl.d values in force: {times['spawn_to_applied_ms']:.0f} ms; "
+          f"from the module's uevent: {times['event_to_applied_ms']} ms")

@@ -108,6 +108,7 @@ def test_deb_contents(deb):
                  "/usr/lib/sysusers.d/conntrack-agent.conf", "/usr/lib/tmpfiles.d/conntrack-agent.conf",
                  "/usr/share/man/man8/conntrack-agent.8.gz", "/usr/share/man/man5/conntrack-agent.toml.5.gz",
                  "/usr/share/doc/conntrack-agent/examples/watch-named-netns.conf",
+                 "/usr/share/doc/conntrack-agent/examples/watch-all-netns.conf",
                  "/usr/share/doc/conntrack-agent/copyright"):
         assert path in paths, path
     for module in MODULES:

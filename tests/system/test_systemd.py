@@ -104,12 +104,17 @@ class Env:
     def log_text(self) -> str:
         return self.box.run(["journalctl", "--no-pager", "-u", UNIT, "-n", "60"], check=False).stdout
 
-    def busctl(self, *args: str, user: int = None):
-        return self.box.run(["busctl", "--system"] + list(args), check=False, user=user)
+    def busctl(self, *args: str, user: int = None, group: int = None):
+        """busctl as root, or as `user` with no groups, or with `group` as its only one."""
+        argv = ["busctl", "--system"] + list(args)
+        if group is not None:
+            argv = ["setpriv", "--reuid=%d" % user, "--regid=%d" % user, "--groups=%d" % group, "--"] + argv
+            user = None
+        return self.box.run(argv, check=False, user=user)
 
-    def prop(self, name: str, user: int = None):
+    def prop(self, name: str, user: int = None, group: int = None):
         """A property's value (busctl's JSON, which keeps UTF-8 unescaped)."""
-        proc = self.busctl("--json=short", "get-property", *BUS, name, user=user)
+        proc = self.busctl("--json=short", "get-property", *BUS, name, user=user, group=group)
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)["data"]
 
@@ -214,11 +219,19 @@ def test_flood_raises_max_and_journals_the_decision(env: Env) -> None:
     env.status_after_flood = env.box.systemctl("status", UNIT, "--lines=0", check=False).stdout
 
 
-def test_bus_properties_for_anyone_methods_for_root(env: Env) -> None:
+def test_bus_properties_for_root_and_readers_methods_for_root(env: Env) -> None:
     assert env.raised_to, "needs the flood test"
+    readers = int(env.box.run(["getent", "group", "conntrack-agent"]).stdout.split(":")[2])
     assert env.prop("Max") == env.raised_to
-    assert env.prop("Max", user=NOBODY) == env.raised_to
-    assert env.prop("Count", user=NOBODY) >= FLOOD * 0.9
+    assert env.prop("Max", user=NOBODY, group=readers) == env.raised_to
+    assert env.prop("Count", user=NOBODY, group=readers) >= FLOOD * 0.9
+    assert env.busctl("introspect", *BUS[:2], user=NOBODY, group=readers).returncode == 0
+    # Anyone else is refused by the bus policy: a flood of calls would cost the
+    # agent memory and its one thread's time.
+    for args in (("get-property", *BUS, "Count"), ("introspect", *BUS[:2])):
+        refused = env.busctl(*args, user=NOBODY)
+        assert refused.returncode != 0 and ("Access denied" in refused.stderr
+                                            or "AccessDenied" in refused.stderr), refused.stderr
     assert 0 < env.prop("Usage") < 1
     assert env.prop("PolicyPath") == POLICY
     assert env.prop("DryRun") is False
@@ -231,9 +244,14 @@ def test_bus_properties_for_anyone_methods_for_root(env: Env) -> None:
         assert refused.returncode != 0
         assert "Access denied" in refused.stderr or "AccessDenied" in refused.stderr, refused.stderr
 
-    # `conntrack-agent status` asks the daemon first.
+    # `conntrack-agent status` asks the daemon first, and shows what it owns with
+    # the original; `plan` shows the same from the agent's own report.
     out = env.box.run(["conntrack-agent", "status", "--json"]).stdout
     assert '"source": "agent (D-Bus)"' in out and '"max": %d' % env.raised_to in out, out
+    owned = {o["name"]: o for o in json.loads(out)["owned"]}
+    assert owned["nf_conntrack_max"]["original"] == LOW_MAX, owned
+    plan = env.box.run(["conntrack-agent", "plan"]).stdout
+    assert "source: agent (D-Bus)" in plan and "(original %d, rule grow-table)" % LOW_MAX in plan, plan
 
 
 def test_reload_with_broken_policy_keeps_running(env: Env) -> None:
@@ -281,7 +299,9 @@ def test_stop_is_clean_and_watchdog_was_fed(env: Env) -> None:
 
     # With no daemon on the bus, `conntrack-agent status` reads the kernel itself.
     out = json.loads(env.box.run(["conntrack-agent", "status", "--json"]).stdout)
-    assert out["source"] == "kernel" and out["max"] == rig.read_sysctl("nf_conntrack_max"), out
+    assert out["source"].startswith("kernel") and out["max"] == rig.read_sysctl("nf_conntrack_max"), out
+    # ...and the state file tells what the stopped agent still owns, with the original.
+    assert {o["name"]: o["original"] for o in out["owned"]}.get("nf_conntrack_max") == LOW_MAX, out
 
 
 def test_invalid_policy_at_start_exits_78_without_restart_loop(env: Env) -> None:

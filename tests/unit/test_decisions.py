@@ -505,3 +505,25 @@ def test_a_sample_seen_against_a_raised_max():
     assert raised.usage == pytest.approx(0.225)
     assert raised.time_to_full == pytest.approx(31_000 / sample.fill_rate)
     assert raised.deltas is sample.deltas
+
+
+def test_the_memory_ceiling_counts_every_namespace():
+    """Entries in every namespace are kernel memory under the one budget: a raise is sized
+    to what the others leave."""
+    a, b = Table(10_000, netns="a"), Table(10_000, netns="b")
+    ra = model.Reading("a", 1.0, 9_000, 10_000, 10_000, {})
+    rb = model.Reading("b", 1.0, 8_000, 10_000, 10_000, {})
+    sample = model.combine((ra, rb), (a.tracker.update(ra), b.tracker.update(rb)))
+    env = Environment(mem_total=1 << 30, entry_bytes=256)        # 1 GiB: memory binds at ~140k
+    pol = only(GROW_THRESHOLD)
+    alone, _ = core.ceiling(pol, GROW_THRESHOLD, env)
+    decision = next(d for d in decide(sample, pol, Memory(), env)[0] if d.kind == "raise_max")
+    assert alone < 1_000_000                                      # the memory budget, not max_ceiling
+    assert decision.new == 20_000                                  # ×2: well within what is left
+    c, d = Table(100_000, netns="a"), Table(100_000, netns="b")
+    big_a = model.Reading("a", 2.0, 30_000, 100_000, 100_000, {})
+    big_b = model.Reading("b", 2.0, 80_000, 100_000, 100_000, {})
+    crowded = model.combine((big_a, big_b), (c.tracker.update(big_a), d.tracker.update(big_b)))
+    raise_for_b = next(x for x in decide(crowded, pol, Memory(), env)[0] if x.kind == "raise_max")
+    # b is the fullest and ×2 would pass the budget; a's 30000 entries come off what b may have.
+    assert raise_for_b.new == alone - 30_000 and "30000 entries held in other namespaces" in raise_for_b.reason

@@ -459,3 +459,29 @@ def test_rising_drop_counters_survive_the_re_read_before_acting(tmp_path):
     rig.run_for(0.5)
     assert kernel.globals["nf_conntrack_max"] > 10000
     assert "kernel counters rising: drop +4" in rig.events.of("raise_max")[0]["reason"]
+
+
+# ---------------------------------------------------------------------- the whole node
+
+
+def test_a_pressure_episode_says_who_fills_the_table_once(tmp_path):
+    import time as _time
+    kernel = FakeKernel(maximum=1000)
+    rig = Rig(tmp_path, kernel, namespaces=("web",))
+    rig.write_policy(text=f'[agent]\nstate_file = "{rig.state}"\nnamespaces = ["web"]\n'
+                          '[[rule]]\nname = "grow-table"\nenabled = false\n')
+    rig.start()
+    rig.set_count(800, "web")
+    rig.run_for(0.5)
+    deadline = _time.monotonic() + 5
+    while not rig.events.of("pressure_attribution") and _time.monotonic() < deadline:
+        _time.sleep(0.01)                      # the pass runs in a thread of its own
+        rig.run_for(0.05, step=0.05)
+    event, = rig.events.of("pressure_attribution")
+    assert event["netns"] == "web" and event["unreplied"] == 600
+    assert "75% unreplied" in event["summary"] and "10.1.2.0/24" in event["summary"]
+    rig.run_for(5)
+    assert kernel.attributions == ["web"]      # once per episode start (and per minute at most)
+    report = rig.agent.report()
+    assert report["headroom"] == {"free": 200, "early_droppable": 600, "effective": 800,
+                                  "measured_at": report["headroom"]["measured_at"]}

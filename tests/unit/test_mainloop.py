@@ -530,6 +530,32 @@ def test_backend_cancel_and_order(backend) -> None:
     assert seen == ["a", "b"]
 
 
+def test_backend_rearming_timers_does_not_grow_the_process(backend) -> None:
+    """PyGObject 3.42 leaks ~115 bytes per GLib.timeout_add(): the GLib backend
+    must not make one per tick (50000 re-arms would add ~5.5 MB)."""
+    def rss_mb() -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmRSS")
+
+    def rearm(count: int) -> None:
+        left = [count]
+
+        def tick() -> None:
+            left[0] -= 1
+            if left[0]:
+                backend.call_later(0, tick)
+            else:
+                backend.quit()
+        backend.call_later(0, tick)
+        backend.run()
+    rearm(5000)
+    before = rss_mb()
+    rearm(50000)
+    assert rss_mb() - before < 2
+
+
 # ---------------------------------------------------------------------- reloads never kill (a real process)
 
 _CHILD = r"""

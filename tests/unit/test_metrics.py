@@ -144,7 +144,9 @@ def test_listen_serves_the_same_text_over_http_on_loopback(tmp_path):
     assert rig.agent.status_due()
     try:
         host, port = rig.agent._metrics_server.address[:2]
-        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as reply:
+        # No proxy: Debian's package build sets http_proxy to a black hole (127.0.0.1:9).
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(f"http://{host}:{port}/metrics", timeout=10) as reply:
             body = reply.read().decode()
             assert reply.headers["Content-Type"].startswith("text/plain; version=0.0.4")
         assert body == rig.agent._metrics_latest and "conntrack_agent_entries{netns=\"\"} 100" in body

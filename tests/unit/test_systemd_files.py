@@ -93,6 +93,8 @@ def test_unit_user_state_directory_and_sysusers_agree() -> None:
     assert re.search(r"^u %s " % re.escape(user), sysusers, re.M)
     policy = (SYSTEMD / "io.github.conntrack_agent1.conf").read_text()
     assert '<policy user="%s">' % user in policy
+    # The readers' group is the one sysusers creates with the user ("u" makes both).
+    assert '<policy group="%s">' % unit["Group"][0] in policy and unit["Group"] == [user]
     state_dir = os.path.dirname(config.AgentSettings().state_file)
     assert state_dir == "/var/lib/" + unit["StateDirectory"][0]
 

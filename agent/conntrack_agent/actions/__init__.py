@@ -7,15 +7,25 @@ event kinds (events.register) and itself (`register`), plus its docs and tests.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from .base import Action
 
 REGISTRY: Dict[str, Action] = {}
 
 
+# The actions that override Action.watch / Action.follow_up: decide() asks only them
+# (it runs every tick; a call that returns nothing still costs a context).
+WATCHERS: List[Action] = []
+FOLLOWERS: Dict[str, Action] = {}
+
+
 def register(action: Action) -> Action:
     REGISTRY[action.kind] = action
+    if type(action).watch is not Action.watch:
+        WATCHERS.append(action)
+    if type(action).follow_up is not Action.follow_up:
+        FOLLOWERS[action.kind] = action
     return action
 
 

@@ -110,9 +110,9 @@ class Environment:
     namespaces: Tuple[str, ...] = ("",)   # watched namespaces
 
 
-@dataclass(frozen=True)
-class Context:
-    """Everything a pure proposal may look at."""
+class Context(NamedTuple):
+    """Everything a pure proposal may look at. A NamedTuple: decide() makes several a
+    tick, and a frozen dataclass costs several times more to build."""
 
     sample: Sample
     policy: Policy
@@ -183,12 +183,30 @@ def calm(sample: Sample, below: float, counters: Sequence[str] = ("drop",)) -> b
     return sample.usage < below and not any(sample.deltas.get(c, 0) for c in counters)
 
 
+def calm_long_enough(rule: Rule, sample: Sample, rule_memory: RuleMemory, below: float,
+                     after: float) -> Tuple[bool, RuleMemory, float]:
+    """The undo's hysteresis: (due, updated memory, seconds calm). Calm must hold for
+    `after` without a break (a flapping load does not flap the settings), and a failed
+    undo waits out its retry time."""
+    if not calm(sample, below, rule.trigger.counters_increasing or ("drop",)):
+        return False, (rule_memory if rule_memory.calm_since is None else replace(rule_memory, calm_since=None)), 0.0
+    if rule_memory.calm_since is None:
+        rule_memory = replace(rule_memory, calm_since=sample.time)
+    calm_for = sample.time - rule_memory.calm_since
+    if calm_for < after:
+        return False, rule_memory, calm_for
+    if rule_memory.undo_retry_at is not None and sample.time < rule_memory.undo_retry_at:
+        return False, rule_memory, calm_for
+    return True, rule_memory, calm_for
+
+
 class Action:
     """One kind of action. Subclasses fill in the pure and the shell halves."""
 
     kind: str = ""             # the rule's `action` (or an auxiliary kind such as resize_buckets)
     capability: str = ""       # what a permanent refusal takes away
     undo_kind: str = ""        # the event kind of its undo ("" if it cannot be undone)
+    records = True             # its changes are sysctls recorded in the journal (evict: none)
     sysctls: Tuple[str, ...] = ()
 
     # ---- pure

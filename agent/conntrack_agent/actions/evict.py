@@ -24,6 +24,7 @@ events.register("evict", events.EventKind(
 class Evict(Action):
     kind = "evict"
     capability = "evict"
+    records = False
 
     def fire(self, rule: Rule, ctx: Context) -> Tuple[List[Decision], Memory]:
         if ctx.memory.has_lost(self.capability, ctx.netns):

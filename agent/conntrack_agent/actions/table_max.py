@@ -17,7 +17,7 @@ from ..config import Policy, Rule, format_duration
 from ..model import memory_ceiling
 from . import register
 from .base import (GLOBAL, Action, Context, Decision, Environment, Memory, Outcome, Owned, RuleMemory, Shell,
-                   calm)
+                   calm_long_enough)
 from .sysctl_change import put_back, write
 
 NAME = "nf_conntrack_max"
@@ -85,6 +85,12 @@ class RaiseMax(Action):
         rate = sample.fill_rate
         room_for_storm = math.ceil(sample.count + rate * spec.headroom) if rate > 0 else 0
         limit, limited_by = ceiling(ctx.policy, rule, ctx.env)
+        others = sum(ns.count for ns in sample.namespaces) - sample.count
+        if others > 0 and limited_by.startswith("memory"):
+            # Every namespace's entries are kernel memory under the one budget: what the
+            # others hold is not there for the fullest one to grow into.
+            limit = max(sample.count, limit - others)
+            limited_by += f", {others} entries held in other namespaces"
         new = max(min(max(target, room_for_storm), limit), sample.count)
         if new <= current:
             if memory.at_ceiling:
@@ -106,15 +112,10 @@ class RaiseMax(Action):
         spec, sample = rule.raise_max, ctx.sample
         owned = ctx.owned_value(GLOBAL, NAME)
         if spec.raise_only or owned is None or owned.rule != rule.name:
-            return [], replace(rule_memory, calm_since=None)
-        if not calm(sample, spec.restore_below, rule.trigger.counters_increasing or ("drop",)):
-            return [], replace(rule_memory, calm_since=None)
-        calm_since = rule_memory.calm_since if rule_memory.calm_since is not None else sample.time
-        rule_memory = replace(rule_memory, calm_since=calm_since)
-        calm_for = sample.time - calm_since
-        if calm_for < spec.restore_after:
-            return [], rule_memory
-        if rule_memory.undo_retry_at is not None and sample.time < rule_memory.undo_retry_at:
+            return [], (rule_memory if rule_memory.calm_since is None else replace(rule_memory, calm_since=None))
+        due, rule_memory, calm_for = calm_long_enough(rule, sample, rule_memory, spec.restore_below,
+                                                      spec.restore_after)
+        if not due:
             return [], rule_memory
         if owned.original >= sample.max or sample.count >= spec.restore_below * owned.original:
             return [], rule_memory  # the original would be too tight for today's table

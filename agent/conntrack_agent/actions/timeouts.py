@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .. import events
 from ..config import Rule, format_duration
 from . import register
-from .base import Action, Context, Decision, Memory, Outcome, Owned, RuleMemory, Shell, calm, netns_label
+from .base import Action, Context, Decision, Memory, Outcome, Owned, RuleMemory, Shell, calm_long_enough, netns_label
 from .sysctl_change import put_back, write
 
 PREFIX = "nf_conntrack_"
@@ -51,14 +51,9 @@ class SetTimeouts(Action):
         if not (records or rule_memory.covered or rule_memory.active_since is not None):
             return [], rule_memory
         spec, sample = rule.set_timeouts, ctx.sample
-        if not calm(sample, spec.restore_below, rule.trigger.counters_increasing or ("drop",)):
-            return [], replace(rule_memory, calm_since=None)
-        calm_since = rule_memory.calm_since if rule_memory.calm_since is not None else sample.time
-        rule_memory = replace(rule_memory, calm_since=calm_since)
-        calm_for = sample.time - calm_since
-        if calm_for < spec.restore_after:
-            return [], rule_memory
-        if rule_memory.undo_retry_at is not None and sample.time < rule_memory.undo_retry_at:
+        due, rule_memory, calm_for = calm_long_enough(rule, sample, rule_memory, spec.restore_below,
+                                                      spec.restore_after)
+        if not due:
             return [], rule_memory
         if not records and not ctx.dry_run:
             # Nothing was written (every value was already short): the episode just ends.
