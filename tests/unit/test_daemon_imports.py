@@ -6,9 +6,10 @@ brought hashlib and OpenSSL's libcrypto (+3.7 MB). A fresh interpreter runs the
 daemon's own path, as cli.cmd_run does it, on the fake kernel: start, one tick
 and its publication (the metrics textfile, the runtime report, the daily peaks),
 then lists sys.modules; then the D-Bus module (when PyGObject is there) and
-what it adds. Each module named below must be absent (or, for asyncio, only the
-stand-in logsetup leaves in its place), with what it costs when it comes back
-(RSS of Debian 12's /usr/bin/python3, a fresh interpreter importing it alone).
+what it adds. Each module named below must be absent (or only one of the
+stand-ins logsetup puts in sys.modules for structlog: asyncio, shutil, uuid,
+pickle), with what it costs when it comes back (RSS of Debian 12's
+/usr/bin/python3, a fresh interpreter importing it alone, unless said otherwise).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ KEPT_OUT = {
     "email": "http.server's",
     "prometheus_client": "never: the exposition is written by hand (metrics.py), +3.3 MB",
     "conntrack_agent.metrics_http": "only with [metrics] listen",
-    "shutil": "argparse asks it for the terminal width; it brings bz2, lzma (cli._Formatter)",
+    "shutil": "argparse asks it for the terminal width (cli._Formatter), structlog 25 imports it (logsetup "
+              "defers it); it brings bz2, lzma: +0.5 MB",
     "bz2": "shutil's",
     "lzma": "shutil's",
     "pydbus": "not used: Gio does what dbus_service needs; its import and proxy of the bus daemon, ~1 MB",
