@@ -555,6 +555,8 @@ class Agent:
             self._probe()
         logsetup.emit(self.log, "policy_loaded", self.policy.agent.dry_run, policy=self.policy_label,
                       rules="; ".join(config.describe(self.policy)))
+        # An edited [baseline] applies now, not at the next module load or new namespace.
+        self.apply_baseline(list(self.sampler.probes))
         return True
 
     def evaluate(self) -> List[decisions.Decision]:

@@ -119,3 +119,14 @@ def test_from_sysctl_d_applies_the_lines_systemd_sysctl_could_not(tmp_path, monk
     assert ns["nf_conntrack_tcp_timeout_time_wait"] == 40 and ns["nf_conntrack_tcp_timeout_close_wait"] == 40
     changes = rig.events.of("baseline_applied")[0]["changes"]
     assert "90-admin.conf:1" in changes
+
+
+def test_a_baseline_edited_at_reload_applies_at_once(tmp_path):
+    kernel = FakeKernel(maximum=7680)
+    rig = Rig(tmp_path, kernel)
+    policy(rig, "nf_conntrack_max = 0")
+    rig.start()
+    assert kernel.writes == []
+    policy(rig, "nf_conntrack_max = 65536")
+    assert rig.agent.reload()
+    assert kernel.globals["nf_conntrack_max"] == 65536
