@@ -29,12 +29,81 @@ due tick goes before queued calls. Measured in systemd/README.md.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import signal
+import sys
+import types
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from gi.repository import Gio, GLib
+
+def _real_asyncio() -> Optional[types.ModuleType]:
+    """asyncio if it was really imported; None when sys.modules holds nothing or a
+    stand-in (a module object made by hand has no __spec__)."""
+    module = sys.modules.get("asyncio")
+    return module if module is not None and vars(module).get("__spec__") is not None else None
+
+
+class _AsyncioForGi(types.ModuleType):
+    """What PyGObject 3.50 (Debian 13) gets for asyncio while gi is imported, when
+    asyncio is not loaded: +1.6 MB of RSS for an integration the agent never uses.
+    Its C module _gi imports asyncio and keeps InvalidStateError and
+    _get_running_loop for its awaitable async calls, and the GLib.MainLoop.run
+    override (gi._ossighelper.get_event_loop) asks for the running loop and the
+    policy each time the loop runs, only to find an asyncio loop made for the
+    GLib context. Without asyncio loaded there is no such loop, and this says so;
+    once asyncio is loaded (by anyone, later), each answer is asyncio's own.
+    Nothing else is answered here: any other attribute loads the real module.
+    PyGObject 3.42 (Debian 12) never asks."""
+
+    class InvalidStateError(Exception):
+        """Raised by _gi only from the awaitable that a Gio async call returns when
+        given no callback (result() before it is done): the agent makes no such
+        call. An asyncio program started later would see this class there, not
+        asyncio.InvalidStateError."""
+
+    @staticmethod
+    def _get_running_loop() -> Any:
+        real = _real_asyncio()
+        return real._get_running_loop() if real is not None else None
+
+    @staticmethod
+    def get_event_loop_policy() -> Any:
+        real = _real_asyncio()
+        if real is None:
+            # the default policy would be made now, and knows no GLib context either
+            raise RuntimeError("asyncio is not loaded: no event loop policy")
+        return real.get_event_loop_policy()
+
+    def __getattr__(self, name: str) -> Any:
+        if sys.modules.get("asyncio") is self:
+            del sys.modules["asyncio"]
+        return getattr(importlib.import_module("asyncio"), name)
+
+
+def _import_gi() -> Tuple[types.ModuleType, types.ModuleType]:
+    """Gio and GLib, with _AsyncioForGi in sys.modules only for the time of the
+    import (then whatever was there is put back, a stand-in of logsetup's or
+    nothing): a later `import asyncio` anywhere gets the real module."""
+    if _real_asyncio() is not None:
+        from gi.repository import Gio, GLib
+        return Gio, GLib
+    before = sys.modules.get("asyncio")
+    stand_in = _AsyncioForGi("asyncio")
+    sys.modules["asyncio"] = stand_in
+    try:
+        from gi.repository import Gio, GLib
+    finally:
+        if sys.modules.get("asyncio") is stand_in:
+            if before is None:
+                del sys.modules["asyncio"]
+            else:
+                sys.modules["asyncio"] = before
+    return Gio, GLib
+
+
+Gio, GLib = _import_gi()
 
 BUS_NAME = "io.github.conntrack_agent1"
 OBJECT_PATH = "/io/github/conntrack_agent1"

@@ -53,8 +53,8 @@ class _DeferredPickle(_Deferred):
 def _defer_imports() -> None:
     """structlog imports modules at import time that the agent's use of it never
     reaches (RSS measured with bench/rss_installed.py and fresh interpreters):
-    - asyncio, for its async log methods (ainfo(), ...): +1.6 MB on Debian 12 (on
-      Debian 13 PyGObject 3.50 imports asyncio itself: only --no-dbus is spared it);
+    - asyncio, for its async log methods (ainfo(), ...): +1.6 MB (PyGObject 3.50,
+      Debian 13's, asks for it too: dbus_service answers it for the gi import);
     - shutil, for its ConsoleRenderer's terminal width (structlog 25, Debian 13),
       with bz2 and lzma: +0.5 MB;
     - uuid, for the names of its deprecated thread-local classes: +0.3 MB with the

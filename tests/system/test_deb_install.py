@@ -39,6 +39,9 @@ import nspawn  # noqa: E402
 import pkgbuild  # noqa: E402
 import rig  # noqa: E402
 
+sys.path.insert(0, str(HERE.parent / "unit"))
+import test_daemon_imports as daemon_imports  # noqa: E402
+
 pytestmark = pytest.mark.system
 
 UNIT = "conntrack-agent.service"
@@ -217,6 +220,30 @@ def test_service_is_enabled_active_and_unprivileged(env: Env) -> None:
     assert "io.github.conntrack_agent1" in names
     check = env.box.run(["conntrack-agent", "check"])
     assert check.stdout.startswith("policy ok: " + POLICY)
+
+
+def test_the_daemon_leaves_asyncio_out_with_the_d_bus_api(env: Env) -> None:
+    """PyGObject 3.50 (Debian 13) imports asyncio for its own asyncio support
+    (+1.6 MB); dbus_service answers it without: checked on the release's own
+    PyGObject, in the running unit and on the daemon's import path."""
+    pid = env.show("MainPID")["MainPID"]
+    maps = env.box.run(["cat", "/proc/%s/maps" % pid]).stdout
+    assert re.search(r"/gi/_gi\.cpython-\S+\.so$", maps, re.M), "the unit has no gi: no D-Bus API?"
+    assert not re.search(r"/_asyncio\.cpython-\S+\.so$", maps, re.M), "the unit loaded asyncio"
+
+    # unit/test_daemon_imports.py's daemon path, with the installed package
+    work = env.box.run(["mktemp", "-d"]).stdout.strip()
+    env.box.write(work + "/tests/fakekernel.py", (HERE.parent / "fakekernel.py").read_text())
+    env.box.write(work + "/daemon.py", daemon_imports._DAEMON)
+    env.box.run(["mkdir", work + "/run"])
+    proc = env.box.run(["python3", work + "/daemon.py", work + "/run", work + "/tests"], check=False)
+    env.box.remove(work)
+    assert proc.returncode == 0, proc.stderr
+    data = daemon_imports.parse(proc.stdout)
+    assert data["gi"], "PyGObject not importable in the container"
+    back = daemon_imports._back(data["core"] + data["bus"])
+    assert not back, "PyGObject %s: the daemon imports modules kept out of it: %s" % (data["gi"], back)
+    assert data["asyncio"] == "_DeferredAsyncio", data["asyncio"]
 
 
 def test_agent_acts_on_a_flood_and_journals_it(env: Env) -> None:

@@ -399,3 +399,57 @@ def test_every_introspected_property_is_implemented() -> None:
     assert sorted(dbus_service.SOURCES) == sorted(names)
     for name in names:
         assert isinstance(getattr(dbus_service.AgentObject, name), property), name
+
+
+# What PyGObject 3.50's C module _gi does when it is imported (Debian 12's 3.42 does
+# not): import asyncio and keep two of its names. Played before gi._gi loads, so the
+# host's PyGObject shows what dbus_service's import does on Debian 13's.
+_GI_350 = r"""
+import sys
+class Gi350:
+    def find_spec(self, name, path, target=None):
+        if name == "gi._gi":
+            sys.meta_path.remove(self)
+            import asyncio
+            asyncio.InvalidStateError, asyncio._get_running_loop
+        return None
+sys.meta_path.insert(0, Gi350())
+"""
+
+
+@pytest.mark.parametrize("logsetup_first", [False, True], ids=["alone", "after-logsetup"])
+def test_importing_gi_as_3_50_does_leaves_asyncio_out(logsetup_first: bool) -> None:
+    code = _GI_350 + (
+        "from conntrack_agent import logsetup\n" if logsetup_first else "") + (
+        "before = sys.modules.get('asyncio')\n"
+        "from conntrack_agent import dbus_service\n"
+        "assert 'gi._gi' in sys.modules and 'Gi350' not in repr(sys.meta_path)\n"
+        "assert sys.modules.get('asyncio') is before, sys.modules.get('asyncio')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('asyncio.', '_asyncio'))))\n")
+    env = dict(os.environ, PYTHONPATH=AGENT_DIR)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_asyncio_gi_gets_answers_as_asyncio_once_it_is_loaded() -> None:
+    code = (
+        "import sys\n"
+        "from conntrack_agent import dbus_service\n"
+        "gi_asyncio = dbus_service._AsyncioForGi('asyncio')\n"
+        "assert gi_asyncio._get_running_loop() is None\n"
+        "try:\n"
+        "    gi_asyncio.get_event_loop_policy()\n"
+        "    raise SystemExit('a policy without asyncio')\n"
+        "except RuntimeError:\n"
+        "    pass\n"
+        "import asyncio\n"
+        "async def main():\n"
+        "    assert gi_asyncio._get_running_loop() is asyncio.get_running_loop()\n"
+        "    assert gi_asyncio.get_event_loop_policy() is asyncio.get_event_loop_policy()\n"
+        "    return gi_asyncio.sleep\n"      # anything else: asyncio's own
+        "assert asyncio.run(main()) is asyncio.sleep\n"
+        "print('ok')\n")
+    env = dict(os.environ, PYTHONPATH=AGENT_DIR)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "ok", out.stderr
