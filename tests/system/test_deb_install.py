@@ -21,6 +21,7 @@ session would: install -> flood -> upgrade -> remove -> reinstall -> purge
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -54,6 +55,10 @@ EXAMPLE_DROPIN = "/usr/share/doc/conntrack-agent/examples/watch-named-netns.conf
 CLEAN_IMAGE = ("systemd", "systemd-sysv", "dbus")
 # What apt must resolve from the archive (Depends and the default-installed Recommends).
 FROM_ARCHIVE = ("python3", "python3-structlog", "python3-gi", "python3-pydbus")
+MONITORING = {"/usr/share/conntrack-agent/prometheus/conntrack-agent.rules.yml":
+              nspawn.REPO / "packaging/prometheus/conntrack-agent.rules.yml",
+              "/usr/share/conntrack-agent/grafana/conntrack-agent.json":
+              nspawn.REPO / "packaging/grafana/conntrack-agent.json"}
 RAISE_MAX_ID = "5c4a891b4b874fd1ad5a285521dab566"  # events.EVENTS["raise_max"], never changes
 
 LOW_MAX = 16384
@@ -204,6 +209,10 @@ def test_apt_installs_the_deb_resolving_dependencies_from_the_archive(env: Env) 
     for path in ("/usr/share/man/man8/conntrack-agent.8.gz", "/usr/share/man/man5/conntrack-agent.toml.5.gz",
                  "/usr/share/dbus-1/system.d/io.github.conntrack_agent1.conf", EXAMPLE_DROPIN):
         assert env.exists(path), path
+    # the alert rules and the dashboard, for the admin to load, as they are in the tree
+    for path, source in MONITORING.items():
+        shipped = env.box.run(["sha256sum", path], check=False).stdout.split()[:1]
+        assert shipped == [hashlib.sha256(source.read_bytes()).hexdigest()], path
 
 
 def test_service_is_enabled_active_and_unprivileged(env: Env) -> None:

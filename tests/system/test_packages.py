@@ -30,6 +30,19 @@ REPO = pkgbuild.REPO
 README = REPO / "packaging" / "README.md"
 MODULES = sorted(p.name for p in (REPO / "agent" / "conntrack_agent").glob("*.py"))
 POLICY = "/etc/conntrack-agent/policy.toml"
+# Installed path -> the file in the tree: the alert rules and the dashboard, shipped
+# for the admin to load (packaging/README.md, "Monitoring").
+MONITORING = {"/usr/share/conntrack-agent/prometheus/conntrack-agent.rules.yml":
+              REPO / "packaging/prometheus/conntrack-agent.rules.yml",
+              "/usr/share/conntrack-agent/grafana/conntrack-agent.json":
+              REPO / "packaging/grafana/conntrack-agent.json"}
+
+
+def _assert_monitoring_files(root: Path) -> None:
+    for path, source in MONITORING.items():
+        shipped = root / path.lstrip("/")
+        assert shipped.is_file(), path
+        assert shipped.read_bytes() == source.read_bytes(), "%s differs from %s" % (path, source)
 
 
 def _need(tools) -> None:
@@ -116,6 +129,15 @@ def test_deb_contents(deb):
     assert not any("__pycache__" in p or p.startswith("/usr/local") for p in paths)
     info = pkgbuild.run(["dpkg-deb", "--info", str(deb), "conffiles"]).stdout.split()
     assert info == [POLICY]
+
+
+def test_deb_ships_the_alert_rules_and_dashboard_as_in_the_tree(deb, tmp_path):
+    pkgbuild.run(["dpkg-deb", "-x", str(deb), str(tmp_path)])
+    _assert_monitoring_files(tmp_path)
+    listing = pkgbuild.run(["dpkg-deb", "-c", str(deb)]).stdout
+    modes = {line.split()[-1].lstrip("."): line.split()[0] for line in listing.splitlines()}
+    for path in MONITORING:
+        assert modes[path] == "-rw-r--r--", (path, modes[path])
 
 
 def test_deb_maintainer_scripts_order(deb, tmp_path):
@@ -225,6 +247,18 @@ def test_rpm_files_and_flags(rpms):
     docs = {name for name, (flags, _) in files.items() if "d" in flags}
     assert {"/usr/share/man/man8/conntrack-agent.8.gz", "/usr/share/man/man5/conntrack-agent.toml.5.gz"} <= docs
     assert any(n.endswith("/watch-named-netns.conf") for n in docs)
+
+
+def test_rpm_ships_the_alert_rules_and_dashboard_as_in_the_tree(rpms, tmp_path):
+    cpio = subprocess.run("rpm2cpio %s | cpio -idm --quiet" % shlex.quote(str(rpms["rpm"])), shell=True,
+                          cwd=str(tmp_path), capture_output=True, text=True, timeout=120)
+    assert cpio.returncode == 0, cpio.stderr
+    _assert_monitoring_files(tmp_path)
+    rows = _rpm_q(rpms["rpm"], "--qf", r"[%{FILEFLAGS:fflags}|%{FILEMODES:perms}|%{FILENAMES}\n]").splitlines()
+    files = {name: (flags, perms) for flags, perms, name in (row.split("|", 2) for row in rows)}
+    for path in MONITORING:
+        assert files[path] == ("", "-rw-r--r--"), (path, files[path])  # neither %config nor %doc
+    assert "/usr/share/conntrack-agent" in files  # the directory is the package's own
 
 
 def test_srpm_carries_the_spec_and_sources(rpms):

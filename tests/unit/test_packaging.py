@@ -105,6 +105,28 @@ def test_every_shipped_system_file_is_packaged_by_both():
         assert in_spec, f"{path} is not installed by the rpm"
 
 
+def _monitoring_files() -> List[str]:
+    return sorted(str(p.relative_to(ROOT)) for p in [*(ROOT / "packaging" / "prometheus").glob("*.rules.yml"),
+                                                     *(ROOT / "packaging" / "grafana").glob("*.json")])
+
+
+def test_alert_rules_and_dashboards_are_packaged_by_both():
+    """Every rules file and dashboard lands in /usr/share/conntrack-agent/{prometheus,grafana}/
+    (the test rules file, *.rules.test.yml, is promtool's, not the admin's)."""
+    files = _monitoring_files()
+    assert "packaging/prometheus/conntrack-agent.rules.yml" in files
+    assert "packaging/grafana/conntrack-agent.json" in files
+    deb = _debian_installed()
+    spec = SPEC.read_text().replace("\\\n", "")
+    for path in files:
+        subdir, name = path.split("/")[1:]
+        assert deb.get(path, "").rstrip("/") == "usr/share/conntrack-agent/" + subdir, f"{path}: deb"
+        assert re.search(rf"^install -D -p -m 0644 {re.escape(path)} +"
+                         rf"%{{buildroot}}%{{_datadir}}/%{{name}}/{subdir}/{re.escape(name)}$", spec, re.M), \
+            f"{path}: rpm %install"
+    assert re.search(r"^%\{_datadir\}/%\{name\}/$", _spec_section("%files"), re.M), "rpm %files"
+
+
 def test_policy_is_a_conffile_in_both():
     # dh_installdeb makes every file under /etc a conffile
     assert _debian_installed()["config/policy.toml"] == "etc/conntrack-agent/"
