@@ -25,10 +25,12 @@ context switches, all threads), RSS (VmRSS, VmHWM) and smaps_rollup's Pss and
 private memory.
 
 Then, since RSS is the tight target, an import ladder in fresh interpreters
-doing what `conntrack-agent run` does (ssl kept out first, as cli._keep_tls_out
-does, then structlog and the agent's modules; RSS, Pss and import time after each
-step), the same with structlog replaced by a stub, `python -X importtime` to name
-who imports the heavy modules, and tracemalloc's Python-heap bytes.
+doing what `conntrack-agent run` does, in its order (ssl kept out first, as
+cli._keep_tls_out does; structlog through conntrack_agent.logsetup, which puts its
+stand-ins in sys.modules first; the agent's other modules; the D-Bus API through
+dbus_service; RSS, Pss, import time and the packages each step really loads), the
+same with structlog replaced by a stub, `python -X importtime` to name who imports
+the heavy modules (or that they are not loaded), and tracemalloc's Python-heap bytes.
 
     bench/idle.py                       # 150 s; writes bench/results/idle.md (+ .json)
     bench/idle.py --duration 3 --warmup 1 --out /tmp/x.md     # smoke
@@ -66,17 +68,21 @@ AGENT_CORE = ("conntrack_agent.cli,conntrack_agent.config,conntrack_agent.servic
               "conntrack_agent.sdnotify,conntrack_agent.journald")
 AGENT_DBUS = "conntrack_agent.dbus_service"
 # `conntrack-agent run` (cli.cmd_run) marks ssl absent before anything imports
-# structlog: asyncio, which structlog imports, then runs without OpenSSL.
+# structlog: should anything load asyncio, it runs without OpenSSL.
 KEEP_TLS_OUT = "keep-tls-out"
+# The daemon's order (cli.cmd_run): structlog only through logsetup, whose stand-ins
+# for asyncio, shutil, uuid and pickle must be in place before structlog's imports;
+# gi only through dbus_service, which answers PyGObject 3.50's asyncio itself.
+LOGSETUP = "conntrack_agent.logsetup"
 LADDERS = {
     "as the daemon runs": [
         ("ssl kept out (`cli._keep_tls_out`: sys.modules[\"ssl\"] = None)", KEEP_TLS_OUT),
-        ("asyncio, imported by structlog (without ssl)", "asyncio"),
-        ("structlog itself", "structlog"), ("the agent's modules", AGENT_CORE),
-        ("D-Bus: gi + pydbus (dbus_service)", AGENT_DBUS)],
+        ("structlog, through conntrack_agent.logsetup (its stand-ins first)", LOGSETUP),
+        ("the agent's other modules", AGENT_CORE),
+        ("D-Bus: gi through dbus_service", AGENT_DBUS)],
     "structlog stubbed": [
         ("ssl kept out, a stub in place of structlog", KEEP_TLS_OUT + ",stub:structlog"),
-        ("the agent's modules", AGENT_CORE), ("D-Bus: gi + pydbus (dbus_service)", AGENT_DBUS)],
+        ("the agent's modules", AGENT_CORE), ("D-Bus: gi through dbus_service", AGENT_DBUS)],
     # For reference: what ssl costs a process that lets asyncio import it (the daemon
     # did before commit 8895219).
     "ssl not kept out (reference)": [("ssl, as asyncio imports it", "ssl")],
@@ -121,6 +127,10 @@ def memory():
     if trace:
         out["heap"] = tracemalloc.get_traced_memory()[0] // 1024
     return out
+def real():
+    # a stand-in (a module object made by hand) has no __spec__; ssl kept out is None
+    return {k for k, v in list(sys.modules.items()) if v is not None and vars(v).get("__spec__") is not None}
+seen = real()
 rows = [dict(step="interpreter", ms=0.0, modules=len(sys.modules), **memory())]
 for step in sys.argv[2:]:
     t = time.perf_counter()
@@ -133,7 +143,13 @@ for step in sys.argv[2:]:
         else:
             importlib.import_module(name)
     ms = (time.perf_counter() - t) * 1000
-    rows.append(dict(step=step, ms=ms, modules=len(sys.modules), **memory()))
+    now = real()
+    added = sorted({m.split(".", 1)[0] for m in now - seen})
+    seen = now
+    stand_ins = sorted(k for k, v in sys.modules.items() if type(v).__module__.startswith("conntrack_agent"))
+    std = set(getattr(sys, "stdlib_module_names", ()))
+    rows.append(dict(step=step, ms=ms, modules=len(sys.modules), added=added, stand_ins=stand_ins,
+                     stdlib=[m for m in added if m in std], **memory()))
 import json
 print(json.dumps({"steps": rows}))
 """
@@ -154,7 +170,8 @@ def import_chains(modules: Sequence[str]) -> Dict[str, List[str]]:
     still lists as a failed attempt, maps to an empty chain."""
     env = dict(os.environ, PYTHONPATH=str(benchlib.REPO / "agent"))
     code = ("import json, sys\nsys.modules['ssl'] = None\nimport " + ", ".join(AGENT_CORE.split(",") + [AGENT_DBUS])
-            + "\nprint(json.dumps([m for m in %r if sys.modules.get(m) is not None]))" % (list(modules),))
+            + "\nprint(json.dumps([m for m in %r if sys.modules.get(m) is not None "
+               "and vars(sys.modules[m]).get('__spec__') is not None]))" % (list(modules),))
     proc = subprocess.run([benchlib.AGENT_PYTHON, "-X", "importtime", "-c", code], capture_output=True,
                           text=True, env=env, timeout=120)
     loaded = set(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -363,6 +380,26 @@ def _mb(a: Dict[str, Any], b: Dict[str, Any], key: str = "VmRSS") -> float:
     return (a[key] - b[key]) / 1024
 
 
+def _added(ladders, title: str, modules: str, key: str = "VmRSS") -> float:
+    """What the ladder's step importing ``modules`` added (MB)."""
+    steps = _steps(ladders, title)
+    for prev, cur in zip(steps, steps[1:]):
+        if cur["step"] == modules:
+            return _mb(cur, prev, key)
+    raise KeyError(modules)
+
+
+def _loads(step: Dict[str, Any]) -> str:
+    """The step's new top-level packages: the others by name, the standard library's
+    counted (asyncio, the one the daemon keeps out, by name too)."""
+    added = [m for m in step.get("added", []) if not m.startswith("_")]
+    std = set(step.get("stdlib", []))
+    named = [m for m in added if m not in std or m == "asyncio"]
+    count = len([m for m in added if m in std and m != "asyncio"])
+    parts = named + (["%d of the standard library" % count] if count else [])
+    return ", ".join(parts) or "–"
+
+
 def _openssl(r: Dict[str, Any]) -> str:
     return {True: "yes", False: "no", None: "?"}[r.get("openssl_mapped")]
 
@@ -415,38 +452,51 @@ def render(rows, profile, ladders, chains, traced, command: str, mach, args) -> 
               "before." % benchlib.AGENT_PYTHON, ""]
     for title, result in ladders.items():
         heap = traced if title == SHIPPED_LADDER else None
-        lines += ["%s:" % title, "", "| step | import ms | modules | RSS | Pss | private | Python heap |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += ["%s:" % title, "", "| step | import ms | modules | RSS | Pss | private | Python heap "
+                  "| packages it loads |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
         steps = result["steps"]
         labels = ["interpreter (python, site)"] + [label for label, _ in LADDERS[title]]
         for i, s in enumerate(steps):
             h = "%.1f MB" % (heap[i]["heap"] / 1024) if heap and i == 0 else "n/a"
             if i == 0:
-                lines.append("| %s | – | %d | %.1f MB | %.1f MB | %.1f MB | %s |" % (
+                lines.append("| %s | – | %d | %.1f MB | %.1f MB | %.1f MB | %s | |" % (
                     labels[0], s["modules"], s["VmRSS"] / 1024, s["Pss"] / 1024, s["Private"] / 1024, h))
                 continue
             p = steps[i - 1]
             if heap:
                 h = "+%.1f MB" % ((heap[i]["heap"] - heap[i - 1]["heap"]) / 1024)
-            lines.append("| + %s | %.0f | +%d | +%.1f MB | +%.1f MB | +%.1f MB | %s |" % (
+            lines.append("| + %s | %.0f | +%d | +%.1f MB | +%.1f MB | +%.1f MB | %s | %s |" % (
                 labels[i], s["ms"], s["modules"] - p["modules"], _mb(s, p), _mb(s, p, "Pss"),
-                _mb(s, p, "Private"), h))
+                _mb(s, p, "Private"), h, _loads(s)))
         last = steps[-1]
-        lines += ["| = total | | %d | %.1f MB | %.1f MB | %.1f MB | %s |" % (
+        lines += ["| = total | | %d | %.1f MB | %.1f MB | %.1f MB | %s | |" % (
             last["modules"], last["VmRSS"] / 1024, last["Pss"] / 1024, last["Private"] / 1024,
             "%.1f MB" % (heap[-1]["heap"] / 1024) if heap else ""), ""]
+        if last.get("stand_ins"):
+            lines += ["Stand-ins still in sys.modules at the end (never loaded): %s." % ", ".join(
+                last["stand_ins"]), ""]
     lines += ["RSS counts the interpreter's shared libraries (libpython, libc, …) in full; Pss shares them "
               "out among the processes mapping them; private is what this process alone holds. Python heap: "
-              "tracemalloc's traced bytes (objects, code), in a separate run.", ""]
+              "tracemalloc's traced bytes (objects, code), in a separate run. Packages it loads: the top-level "
+              "packages of the modules the step really imported (not the stand-ins), the standard library's "
+              "counted; C accelerator modules (_name) left out.", ""]
     if chains:
-        named = ["%s ← %s" % (m, " → ".join(c)) if c else "%s: not loaded (kept out: asyncio's attempt to "
-                 "import it fails, and asyncio runs without TLS)" % m for m, c in chains.items()]
+        named = ["%s ← %s" % (m, " → ".join(c)) if c else "%s: not loaded%s" % (m, NOT_LOADED.get(m, ""))
+                 for m, c in chains.items()]
         lines.append("Who imports them as the daemon runs (`python -X importtime` with ssl kept out, outermost "
                      "first): " + "; ".join(named) + ".")
         lines.append("")
     lines.append(verdict_rss(rows, ladders, chains))
     lines.append("")
     return "\n".join(lines)
+
+
+# Why a module the walk asks about may be absent.
+NOT_LOADED = {
+    "ssl": " (kept out: sys.modules[\"ssl\"] = None, so an import of it fails)",
+    "asyncio": " (logsetup's stand-in for structlog, dbus_service's for PyGObject 3.50, while gi loads)",
+    "pydbus": " (dbus_service uses Gio directly)",
+}
 
 
 def targets(rows, ladders=None) -> List[Dict[str, Any]]:
@@ -534,11 +584,9 @@ def _rss_why(rows, ladders) -> str:
     nodbus = by.get("default-nodbus")
     parts = sorted([
         (shipped[0]["VmRSS"] / 1024, "the interpreter %.1f MB"),
-        (_mb(shipped[5], shipped[4]), "gi + pydbus for the D-Bus API +%.1f MB"),
-        (_mb(shipped[2], shipped[1]), "asyncio, which structlog imports and the agent never uses, +%.1f MB "
-                                      "(ssl kept out)"),
-        (_mb(shipped[4], shipped[3]), "the agent's modules +%.1f MB"),
-        (_mb(shipped[3], shipped[2]), "structlog itself +%.1f MB"),
+        (_added(ladders, SHIPPED_LADDER, AGENT_DBUS), "gi for the D-Bus API +%.1f MB"),
+        (_added(ladders, SHIPPED_LADDER, LOGSETUP), "structlog through logsetup +%.1f MB"),
+        (_added(ladders, SHIPPED_LADDER, AGENT_CORE), "the agent's other modules +%.1f MB"),
     ], key=lambda p: -p[0])
     text = "; ".join(fmt % mb for mb, fmt in parts)
     service = by.get("default")
@@ -579,14 +627,15 @@ def verdict_rss(rows, ladders, chains) -> str:
     text = ("RSS of the default agent as the unit runs it: %.1f MB at peak (target %.0f MB), OpenSSL mapped: "
             "%s. " % (service["hwm_mb"], RSS_TARGET_MB, _openssl(service))) if service else ""
     text += ("What costs the most: the interpreter itself (%.1f MB RSS before any import, most of it libpython "
-             "and libc pages shared with other Python processes); then structlog (+%.1f MB with the asyncio "
-             "it imports, %.1f MB of that asyncio, which the agent does not use); the agent's own modules "
-             "(+%.1f MB); gi + pydbus for the D-Bus API (+%.1f MB)." % (
-                 shipped[0]["VmRSS"] / 1024, _mb(shipped[3], shipped[1]), _mb(shipped[2], shipped[1]),
-                 _mb(shipped[4], shipped[3]), _mb(shipped[5], shipped[4])))
-    chain = chains.get("asyncio", [])
-    if "structlog" in chain:
-        text += " asyncio comes in through `%s`." % " → ".join(chain[chain.index("structlog"):])
+             "and libc pages shared with other Python processes); then structlog through logsetup (+%.1f MB); "
+             "the agent's other modules (+%.1f MB); gi for the D-Bus API (+%.1f MB)." % (
+                 shipped[0]["VmRSS"] / 1024, _added(ladders, SHIPPED_LADDER, LOGSETUP),
+                 _added(ladders, SHIPPED_LADDER, AGENT_CORE), _added(ladders, SHIPPED_LADDER, AGENT_DBUS)))
+    chain = chains.get("asyncio")
+    if chain:
+        text += " asyncio is loaded, through `%s`." % " → ".join(chain)
+    elif chain == []:
+        text += " asyncio is not loaded%s." % NOT_LOADED["asyncio"]
     if "ssl not kept out (reference)" in ladders:
         ref = _steps(ladders, "ssl not kept out (reference)")
         text += (" Keeping ssl out saves %.1f MB RSS (%.1f MB private): what importing ssl costs a fresh "

@@ -105,10 +105,18 @@ def test_idle_smoke(tmp_path):
         assert row["openssl_mapped"] in (True, False), name
     if shutil.which("dbus-daemon"):
         assert modes["default"]["bus"] == "connected"
-    # The import walk follows the daemon: ssl kept out first, then what it imports.
-    assert len(data["ladders"]["as the daemon runs"]["steps"]) == 6
-    assert "ssl" in data["chains"]
+    # The import walk follows the daemon: ssl kept out first, structlog only through
+    # logsetup, the agent's other modules, gi only through dbus_service; each step
+    # names what it really loaded, and asyncio (only ever a stand-in) is not among them.
+    steps = data["ladders"]["as the daemon runs"]["steps"]
+    assert [s["step"] for s in steps[1:3]] == ["keep-tls-out", "conntrack_agent.logsetup"]
+    assert steps[-1]["step"] == "conntrack_agent.dbus_service" and len(steps) == 5
+    assert "structlog" in steps[2]["added"]
+    assert not any("asyncio" in s.get("added", []) for s in steps), [s.get("added") for s in steps]
+    assert "asyncio" in steps[-1]["stand_ins"]
+    assert data["chains"]["asyncio"] == [] and data["chains"]["ssl"] == []
     text = out.read_text()
+    assert "asyncio: not loaded" in text
     assert "Where the memory goes" in text and "calm tick" in text
 
 
