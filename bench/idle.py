@@ -494,7 +494,8 @@ def render(rows, profile, ladders, chains, traced, command: str, mach, args) -> 
 # Why a module the walk asks about may be absent.
 NOT_LOADED = {
     "ssl": " (kept out: sys.modules[\"ssl\"] = None, so an import of it fails)",
-    "asyncio": " (logsetup's stand-in for structlog, dbus_service's for PyGObject 3.50, while gi loads)",
+    "asyncio": " (stand-ins in its place: logsetup's, for structlog; dbus_service's, for PyGObject 3.50 while "
+               "gi loads)",
     "pydbus": " (dbus_service uses Gio directly)",
 }
 
