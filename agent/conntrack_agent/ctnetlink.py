@@ -399,11 +399,23 @@ class CtnetlinkSocket:
         # never overwritten by a counters request, an error tally for the
         # no-ack batched writes, and a flag that keeps counters requests off
         # the socket while a dump owns its receive queue.
-        self._dump_buf: bytearray = bytearray(65536)
+        # Allocated at the first dump: the sampler's sockets (one per watched
+        # namespace, up to hundreds) never dump, and 64 KiB each is RSS.
+        self._dump_buf_: Optional[bytearray] = None
         self._dump_active = False
         self.errors: Counter = Counter()
         self.errors_lost = 0
         self._broken_features: set = set()
+
+    @property
+    def _dump_buf(self) -> bytearray:
+        if self._dump_buf_ is None:
+            self._dump_buf_ = bytearray(65536)
+        return self._dump_buf_
+
+    @_dump_buf.setter
+    def _dump_buf(self, buf: bytearray) -> None:
+        self._dump_buf_ = buf
 
     @staticmethod
     def _open(rcvbuf: int) -> socket.socket:
