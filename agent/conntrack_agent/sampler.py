@@ -4,7 +4,13 @@ One probe per namespace, opened once through the kernel seam (kernel.py: a
 ctnetlink socket and the buckets sysctl, opened inside the namespace) and kept:
 nothing is re-entered per tick.
 
-Count and max are read every tick for every namespace. The per-CPU counters (a dump,
+With a `pace` (the service gives decisions.namespace_interval), a namespace is read
+again once its own interval has passed (the tick the agent would pick were it the
+only one watched) or its counters fall due, not at every tick the busiest one asks
+for: a storm in one of 250 namespaces costs fast ticks that read that one, not all
+250. The others' last views stand meanwhile (their counter deltas go to the next read).
+
+Each read takes count and max. The per-CPU counters (a dump,
 ~3× a count's cost) are read every tick where the table is near full (the probe sees
 that from the count), else when a namespace's refresh falls due: at most
 kernel.COUNTERS_REFRESH after its last read, with the namespaces' phases spread over
@@ -32,13 +38,18 @@ from .kernel import COUNTERS_REFRESH, Kernel, Probe
 # plain "a period since the last read" (no more often at the default calm tick).
 _PHASE_STEP = 0.6180339887498949
 _SLACK = 0.25
+# A namespace's next read is due this much before its interval has passed: the tick
+# that should read it starts a little early or its previous read came late in a long
+# loop, and missing it by a millisecond would cost a whole tick.
+_PACE_SLACK = 0.005
 
 
 class Sampler:
     """All watched namespaces. `sample()` returns None while none can be read."""
 
     def __init__(self, namespaces: Tuple[str, ...], window: float, clock: Callable[[], float] = time.monotonic,
-                 kernel: Optional[Kernel] = None):
+                 kernel: Optional[Kernel] = None,
+                 pace: Optional[Callable[[model.NamespaceView, int], float]] = None):
         if kernel is None:
             from .kernel import LinuxKernel
             kernel = LinuxKernel()
@@ -53,6 +64,8 @@ class Sampler:
         self._phase: Dict[str, float] = {}                   # namespace -> its fraction of the period
         self._counters_due: Dict[str, float] = {}            # namespace -> when its counters are due
         self._opened = 0
+        self.pace = pace                                     # (view, max) -> seconds until its next read
+        self._next_read: Dict[str, float] = {}
 
     def set_namespaces(self, namespaces: Tuple[str, ...]) -> List[str]:
         """Watch these from now on (discovery's answer): probes of namespaces no longer
@@ -99,10 +112,18 @@ class Sampler:
         readings, views = [], []
         now = self.clock()
         due = self._counters_due
+        # One namespace is read at every tick: the tick is its own pace then.
+        paced = self.pace is not None and only is None and not counters and len(self.probes) > 1
+        next_read = self._next_read
         for name, probe in list(self.probes.items()):
-            if only is not None and name not in only and name in self._views:
-                # Its deltas were counted in the first read's sample, which
-                # model.carrying_deltas adds to this one: not twice.
+            if name in self._views and (
+                    (only is not None and name not in only)
+                    or (paced and now < next_read.get(name, 0.0) and now < due.get(name, 0.0)
+                        # A sample asked for at the very instant of the last read (a
+                        # stopped clock: start, then the first tick) reads again.
+                        and now > self.last_readings[name].time)):
+                # Not read now: its last view stands, without its counter deltas (counted
+                # once already: for a re-read, model.carrying_deltas adds them back).
                 readings.append(self.last_readings[name])
                 views.append(self._views[name]._replace(deltas={}))
                 continue
@@ -125,6 +146,8 @@ class Sampler:
             view = self.tracker.update(reading)
             self._views[name] = view
             views.append(view)
+            if self.pace is not None:
+                next_read[name] = now + self.pace(view, reading.max) - _PACE_SLACK
         if not readings:
             return None
         return model.combine(tuple(readings), tuple(views))
@@ -135,6 +158,7 @@ class Sampler:
         self._views.pop(name, None)
         self._phase.pop(name, None)
         self._counters_due.pop(name, None)
+        self._next_read.pop(name, None)
 
     def close(self) -> None:
         for probe in self.probes.values():

@@ -167,7 +167,8 @@ class Agent:
         if self.sampler is not None:
             self.sampler.close()
         names = tuple(self.watched) if self._dynamic() else self.policy.agent.namespaces
-        self.sampler = Sampler(names, self.policy.agent.fill_rate_window, self.clock, kernel=self.kernel)
+        self.sampler = Sampler(names, self.policy.agent.fill_rate_window, self.clock, kernel=self.kernel,
+                               pace=lambda view, maximum: decisions.namespace_interval(view, maximum, self.policy))
 
     # ------------------------------------------------------------------ the node's namespaces
 

@@ -148,3 +148,77 @@ def test_reread_before_acting_touches_only_the_namespaces_acted_on(tmp_path):
     assert {n: probes[n].reads - reads[n] for n in names if n != "ns017"} == {n: 1 for n in names if n != "ns017"}
     # The drop the first read saw is carried into the acted-on sample once, not twice.
     assert agent.last_sample.deltas["drop"] == 5
+
+
+# ----------------------------------------------------------------------------- pacing
+
+def paced_rig(n: int = N, maximum: int = 32768):
+    from conntrack_agent import config, decisions
+
+    policy = config.loads(b"")   # the built-in defaults: fast tick 50 ms, storm_rate 100000/s
+    kernel, sampler, clock = rig(n, maximum)
+    sampler.pace = lambda view, m: decisions.namespace_interval(view, m, policy)
+    sampler.sample()
+    clock.now += 0.05
+    return kernel, sampler, clock, policy
+
+
+def reads(sampler: Sampler) -> Dict[str, int]:
+    return {name: probe.reads for name, probe in sampler.probes.items()}
+
+
+def test_a_storm_in_one_namespace_does_not_read_the_calm_ones_at_every_fast_tick():
+    kernel, sampler, clock, policy = paced_rig()
+    storm, per_tick, calm_reads = kernel.namespaces["ns007"], [], []
+    for _ in range(40):                                   # 2 s of fast ticks, the storm at 40000/s
+        storm.count += 2000
+        before = reads(sampler)
+        sampler.sample()
+        after = reads(sampler)
+        per_tick.append(after["ns007"] - before["ns007"])
+        calm_reads.append(sum(after.values()) - sum(before.values()) - per_tick[-1])
+        clock.now += policy.agent.fast_interval
+    # The storming one: seen within its calm interval (82 ms: the 1st or 2nd tick), then
+    # read at every tick.
+    assert 1 in per_tick[:2] and per_tick[2:] == [1] * 38, per_tick
+    # A calm one's own interval at max 32768 is 82 ms: every other 50 ms tick, not every one
+    # (the counters' refreshes add a few: each namespace once a second).
+    assert sum(calm_reads) <= 0.6 * 40 * (N - 1), calm_reads
+
+
+def test_a_calm_namespace_that_starts_filling_is_seen_within_its_own_interval():
+    from conntrack_agent import decisions
+
+    kernel, sampler, clock, policy = paced_rig()
+    first = sampler.sample()
+    own = decisions.namespace_interval(next(v for v in first.namespaces if v.netns == "ns200"), first.max, policy)
+    clock.now += 0.05
+    kernel.namespaces["ns007"].count = 20000              # another one busy: the fast tick runs
+    kernel.namespaces["ns200"].count = 5000               # this one starts filling now
+    started = clock.now
+    while True:
+        sample = sampler.sample()
+        if next(v for v in sample.namespaces if v.netns == "ns200").count == 5000:
+            break
+        clock.now += policy.agent.fast_interval
+        assert clock.now - started <= own + policy.agent.fast_interval
+    # Once filling, it is read at every fast tick.
+    before = reads(sampler)["ns200"]
+    for _ in range(5):
+        kernel.namespaces["ns200"].count += 2000
+        clock.now += policy.agent.fast_interval
+        sampler.sample()
+    assert reads(sampler)["ns200"] - before == 5
+
+
+def test_pacing_keeps_the_counters_refresh():
+    kernel, sampler, clock, policy = paced_rig(maximum=262144)   # calm interval 655 ms, longer than a tick
+    kernel.namespaces["ns007"].count = 140000                     # busy: fast ticks
+    kernel.namespaces["ns123"].counters["drop"] += 2
+    started, seen = clock.now, None
+    while seen is None and clock.now - started <= COUNTERS_REFRESH + 0.05:
+        view = next(v for v in sampler.sample().namespaces if v.netns == "ns123")
+        if view.deltas.get("drop"):
+            seen = clock.now - started
+        clock.now += policy.agent.fast_interval
+    assert seen is not None
