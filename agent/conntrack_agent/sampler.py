@@ -61,6 +61,7 @@ class Sampler:
         self.unavailable: Dict[str, str] = {}   # namespace -> why, for the log
         self.last_readings: Dict[str, model.Reading] = {}   # the cumulative counters, for the metrics
         self._views: Dict[str, model.NamespaceView] = {}     # the last view of each, for sample(only=...)
+        self._carried: Dict[str, model.NamespaceView] = {}   # the same without its deltas, while it stands
         self._phase: Dict[str, float] = {}                   # namespace -> its fraction of the period
         self._counters_due: Dict[str, float] = {}            # namespace -> when its counters are due
         self._opened = 0
@@ -124,8 +125,11 @@ class Sampler:
                         and now > self.last_readings[name].time)):
                 # Not read now: its last view stands, without its counter deltas (counted
                 # once already: for a re-read, model.carrying_deltas adds them back).
+                carried = self._carried.get(name)
+                if carried is None:   # made once per read, not at every tick it stands
+                    carried = self._carried[name] = self._views[name]._replace(deltas={})
                 readings.append(self.last_readings[name])
-                views.append(self._views[name]._replace(deltas={}))
+                views.append(carried)
                 continue
             refresh = counters or now >= due.get(name, 0.0)
             try:
@@ -145,6 +149,7 @@ class Sampler:
             self.last_readings[name] = reading
             view = self.tracker.update(reading)
             self._views[name] = view
+            self._carried.pop(name, None)
             views.append(view)
             if self.pace is not None:
                 next_read[name] = now + self.pace(view, reading.max) - _PACE_SLACK
@@ -156,6 +161,7 @@ class Sampler:
         self.tracker.forget(name)
         self.last_readings.pop(name, None)
         self._views.pop(name, None)
+        self._carried.pop(name, None)
         self._phase.pop(name, None)
         self._counters_due.pop(name, None)
         self._next_read.pop(name, None)
