@@ -148,7 +148,7 @@ class LinuxProbe(Probe):
                                        procfs.sysctl_path("nf_conntrack_count"))
             self._buckets = procfs.IntFile(procfs.sysctl_path("nf_conntrack_buckets"))
             try:
-                self._sock = ctnetlink.CtnetlinkSocket()
+                self._sock = ctnetlink.CtnetlinkSocket(recv_buffer=ctnetlink.COUNTERS_RECV_BUFFER)
                 self._sock.stats()
             except OSError as exc:
                 self.fallback_reason = str(exc)
