@@ -233,7 +233,7 @@ def render(res: Dict[str, Any], command: str, mach: Dict[str, Any]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--count", type=int, default=250, help="namespaces watched by 'all' (default %(default)s)")
-    ap.add_argument("--repeat", type=int, default=3, help="runs of each set-up per phase (default %(default)s)")
+    ap.add_argument("--repeat", type=int, default=5, help="runs of each set-up per phase (default %(default)s)")
     ap.add_argument("--idle", type=float, default=20.0, help="seconds of idle measured a run (default %(default)s)")
     ap.add_argument("--warmup", type=float, default=3.0, help="seconds the agent runs before measuring")
     ap.add_argument("--rate", type=float, default=50000, help="storm: new flows a second (default %(default)s)")
