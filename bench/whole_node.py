@@ -172,6 +172,29 @@ def targets(res: Dict[str, Any]) -> List[Dict[str, Any]]:
              "why": "" if met else "see the Whole node section: the tick reads every namespace before it decides"}]
 
 
+def before_after(before: Dict[str, Any], after: Dict[str, Any]) -> List[str]:
+    """Two runs of this bench side by side (say, the code before and after a change):
+    the medians of the 'all' set-up, and the 'one' set-up as the reference."""
+    def cell(res: Dict[str, Any], phase: str, setup: str, key: str, spec: str) -> str:
+        return fmt(med([r for r in res[phase] if r["setup"] == setup], key), spec)
+
+    rows = [("idle", "CPU, ms a second", "cpu_ms_per_s", "%.2f"), ("idle", "RSS (MB)", "rss_mb", "%.1f"),
+            ("storm", "reaction: trigger held → first max write (ms)", "reaction_ms", "%.0f"),
+            ("storm", "flows harmed", "harmed", "%.0f"),
+            ("storm", "agent CPU during the storm (s)", "storm_cpu_s", "%.2f")]
+    b, a = before.get("agent", "before"), after.get("agent", "after")
+    lines = ["## Before and after", "",
+             "The same bench on the code at %s (%d runs of each set-up, %s) and at %s (%d runs, this one); "
+             "medians." % (b, before["repeat"], before.get("date", "date not recorded"), a, after["repeat"]), "",
+             "| | all, %s | all, %s | one, %s | one, %s |" % (b, a, b, a), "| --- | ---: | ---: | ---: | ---: |"]
+    for phase, label, key, spec in rows:
+        lines.append("| %s | %s | %s | %s | %s |" % (
+            label, cell(before, phase, "all", key, spec), cell(after, phase, "all", key, spec),
+            cell(before, phase, "one", key, spec), cell(after, phase, "one", key, spec)))
+    lines.append("")
+    return lines
+
+
 def render(res: Dict[str, Any], command: str, mach: Dict[str, Any]) -> str:
     idle = {s: [r for r in res["idle"] if r["setup"] == s] for s in SETUPS}
     storm = {s: [r for r in res["storm"] if r["setup"] == s] for s in SETUPS}
@@ -245,6 +268,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--settle", type=float, default=1.0, help="storm: seconds measured after the last send")
     ap.add_argument("--phases", default="idle,storm", help="which phases (default %(default)s)")
     ap.add_argument("--out", default=str(benchlib.RESULTS / "whole_node.md"), help="markdown results")
+    ap.add_argument("--before", help="a previous run's JSON (other code): its medians beside this run's")
     args = ap.parse_args(argv)
     refused = benchlib.refuse("bench/whole_node.py")
     if refused is not None:
@@ -260,7 +284,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = benchlib.command_line("whole_node.py", argv)
     res: Dict[str, Any] = {"count": args.count, "repeat": args.repeat, "rate": args.rate, "total": args.total,
                            "base_max": args.base_max, "idle_seconds": args.idle, "warmup": args.warmup,
-                           "idle": [], "storm": []}
+                           "idle": [], "storm": [], "agent": mach.get("agent", "unknown"), "command": command,
+                           "date": mach.get("date")}
     started = time.monotonic()
     # The global max and buckets change in the storm phase: the VM-wide lock, restored at the end.
     with rig.saved_global_sysctls() as saved, contextlib.ExitStack() as stack:
@@ -310,6 +335,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     res["minutes"] = (time.monotonic() - started) / 60
     res["targets"] = targets(res) if res["storm"] else []
     md = render(res, command, mach)
+    if args.before:
+        md += "\n".join(before_after(json.loads(Path(args.before).read_text()), res)) + "\n"
     md += "Run time: %.1f minutes; global sysctls restored, namespaces and processes removed at the end.\n" % (
         res["minutes"])
     out = benchlib.write_result("whole_node", md, args.out)
