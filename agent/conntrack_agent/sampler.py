@@ -116,6 +116,7 @@ class Sampler:
         # One namespace is read at every tick: the tick is its own pace then.
         paced = self.pace is not None and only is None and not counters and len(self.probes) > 1
         next_read = self._next_read
+        fresh = 0
         for name, probe in list(self.probes.items()):
             if name in self._views and (
                     (only is not None and name not in only)
@@ -153,6 +154,14 @@ class Sampler:
             views.append(view)
             if self.pace is not None:
                 next_read[name] = now + self.pace(view, reading.max) - _PACE_SLACK
+            fresh += 1
+        if paced and not fresh and readings:
+            # Nothing was due (the fast tick held on after a storm): the fullest is read all
+            # the same, so that the sample's time and max (a max the agent may just have
+            # raised) are this tick's, not those of the last read.
+            i = max(range(len(views)), key=lambda k: views[k].count)
+            again = self.sample(only=(views[i].netns,))
+            return again
         if not readings:
             return None
         return model.combine(tuple(readings), tuple(views))

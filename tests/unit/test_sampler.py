@@ -222,3 +222,19 @@ def test_pacing_keeps_the_counters_refresh():
             seen = clock.now - started
         clock.now += policy.agent.fast_interval
     assert seen is not None
+
+
+def test_a_tick_with_nothing_due_still_reads_the_fullest():
+    # The fast tick holds on after a storm while every namespace's own interval is long:
+    # the sample must still carry this tick's time and max (one the agent just raised).
+    kernel, sampler, clock, policy = paced_rig(maximum=262144)   # own intervals 655 ms
+    kernel.namespaces["ns042"].count = 1000                       # the fullest
+    clock.now += 1.0
+    sampler.sample()                                              # everyone read
+    clock.now += policy.agent.fast_interval
+    kernel.globals["nf_conntrack_max"] = 524288
+    before = reads(sampler)
+    sample = sampler.sample()
+    after = reads(sampler)
+    assert {n for n in after if after[n] > before[n]} == {"ns042"}
+    assert sample.time == clock.now and sample.max == 524288
