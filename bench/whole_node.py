@@ -162,14 +162,22 @@ def ratio(a: Optional[float], b: Optional[float]) -> str:
 def targets(res: Dict[str, Any]) -> List[Dict[str, Any]]:
     storm_all = [r for r in res["storm"] if r["setup"] == "all"]
     reactions = [r.get("reaction_ms") for r in storm_all]
-    met = bool(reactions) and all(x is not None and x <= TARGET_MS for x in reactions)
+    over = [x for x in reactions if x is None or x > TARGET_MS]
+    met = bool(reactions) and not over
+    alone = med([r for r in res["storm"] if r["setup"] == "one"], "reaction_ms")
+    why = ""
+    if not met:
+        why = ("%d of %d runs over %.0f ms (a run with no raise counts as over); the same storm watched alone: "
+               "median %s ms. The difference is the agent's own work with %d namespaces on %s shared vCPUs: "
+               "each fast tick reads the storming namespace and every calm one whose own interval has passed, "
+               "then decides over all of their views" % (
+                   len(over), len(reactions), TARGET_MS, fmt(alone, "%.0f"), res["count"], os.cpu_count()))
     return [{"target": "reaction (trigger held by the kernel's count → first max write) ≤ %.0f ms for the "
-                       "storming namespace among %d watched" % (TARGET_MS, res["count"]),
+                       "storming namespace among %d watched, every run" % (TARGET_MS, res["count"]),
              "met": met, "figure": "median %s ms (runs: %s); watching it alone: median %s ms" % (
                  fmt(med(storm_all, "reaction_ms"), "%.0f"),
-                 ", ".join(fmt(x, "%.0f") for x in reactions),
-                 fmt(med([r for r in res["storm"] if r["setup"] == "one"], "reaction_ms"), "%.0f")),
-             "why": "" if met else "see the Whole node section: the tick reads every namespace before it decides"}]
+                 ", ".join(fmt(x, "%.0f") for x in reactions), fmt(alone, "%.0f")),
+             "why": why}]
 
 
 def before_after(before: Dict[str, Any], after: Dict[str, Any]) -> List[str]:
@@ -247,6 +255,8 @@ def render(res: Dict[str, Any], command: str, mach: Dict[str, Any]) -> str:
         "Against the target:", ""]
     for t in targets(res):
         lines.append("- %s: %s — %s." % (t["target"], "met" if t["met"] else "**missed**", t["figure"]))
+        if t["why"]:
+            lines.append("  Why: %s." % t["why"])
     lines.append("")
     return "\n".join(lines)
 
@@ -285,7 +295,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     res: Dict[str, Any] = {"count": args.count, "repeat": args.repeat, "rate": args.rate, "total": args.total,
                            "base_max": args.base_max, "idle_seconds": args.idle, "warmup": args.warmup,
                            "idle": [], "storm": [], "agent": mach.get("agent", "unknown"), "command": command,
-                           "date": mach.get("date")}
+                           "date": mach.get("date"), "machine": mach}
     started = time.monotonic()
     # The global max and buckets change in the storm phase: the VM-wide lock, restored at the end.
     with rig.saved_global_sysctls() as saved, contextlib.ExitStack() as stack:
