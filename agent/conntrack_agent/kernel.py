@@ -137,7 +137,6 @@ class LinuxProbe(Probe):
         self.fallback_reason = None
         self._counters: Optional[Dict[str, int]] = None
         self._buckets_value = 0
-        self.counter_reads = 0   # for the benches and tests: how often the dump was paid
         self._sock: Optional[ctnetlink.CtnetlinkSocket] = None
         self._count = self._max = None
         self._stat: Optional[procfs.StatFile] = None
@@ -171,7 +170,6 @@ class LinuxProbe(Probe):
             # Buckets change only when someone resizes the table (the agent at most once
             # per buckets_cooldown): no need to read them more often than the counters.
             self._buckets_value = self._buckets.read()
-            self.counter_reads += 1
         return model.Reading(self.name, t, count, maximum, self._buckets_value, self._counters)
 
     def close(self) -> None:
