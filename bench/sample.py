@@ -94,14 +94,16 @@ def measure(rounds: int, batch: int, slow_batch: int, pypi_python: Optional[str]
     from conntrack_agent.kernel import LinuxProbe
     from conntrack_agent.sampler import Sampler
 
+    from conntrack_agent import sampler as sampler_module
+
     # Without `counters`, a probe's read (kernel.LinuxProbe.read) skips the per-CPU counters
-    # unless the table is at least kernel.COUNTERS_EVERY_TICK_FROM full or COUNTERS_REFRESH
-    # has passed since they were last read: both set out of reach here, so the count + max
-    # variant never reads them and the counters variant always does (counters=True),
+    # unless the table is at least kernel.COUNTERS_EVERY_TICK_FROM full or the sampler's
+    # refresh (every COUNTERS_REFRESH) falls due: both set out of reach here, so the count +
+    # max variant never reads them and the counters variant always does (counters=True),
     # whatever this table's usage.
     every_tick_from, refresh = kernel_module.COUNTERS_EVERY_TICK_FROM, kernel_module.COUNTERS_REFRESH
     kernel_module.COUNTERS_EVERY_TICK_FROM = float("inf")
-    kernel_module.COUNTERS_REFRESH = float("inf")
+    kernel_module.COUNTERS_REFRESH = sampler_module.COUNTERS_REFRESH = float("inf")
     samplers = []
     for _ in range(2):
         s = Sampler(("",), 0.5)

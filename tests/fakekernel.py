@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from conntrack_agent import model
+from conntrack_agent import kernel as kernel_module
 from conntrack_agent.kernel import ConntrackMissing, Kernel, NamespaceMissing, Probe
 
 GLOBALS = ("nf_conntrack_max", "nf_conntrack_buckets")
@@ -71,12 +72,23 @@ class FakeProbe(Probe):
     def __init__(self, kernel: "FakeKernel", name: str):
         self.kernel, self.name = kernel, name
         self.source, self.fallback_reason = "ctnetlink", None
+        self.reads = 0            # count + max requests
+        self.counter_reads = 0    # per-CPU counter dumps
+        self._counters: Optional[Dict[str, int]] = None
 
     def read(self, now: Callable[[], float], counters: bool = False) -> model.Reading:
         ns = self.kernel._namespace(self.name, probe=True)
         count = ns.script.pop(0) if ns.script else ns.count
-        return model.Reading(self.name, now(), count, self.kernel.globals["nf_conntrack_max"],
-                             self.kernel.globals["nf_conntrack_buckets"], dict(ns.counters))
+        maximum = self.kernel.globals["nf_conntrack_max"]
+        self.reads += 1
+        # With cached_counters the fake reads the counters when LinuxProbe would (asked,
+        # a first read, a table near full); otherwise every read sees them fresh.
+        if (not self.kernel.cached_counters or counters or self._counters is None
+                or count >= kernel_module.COUNTERS_EVERY_TICK_FROM * maximum):   # kernel.counters_needed
+            self._counters = dict(ns.counters)
+            self.counter_reads += 1
+        return model.Reading(self.name, now(), count, maximum, self.kernel.globals["nf_conntrack_buckets"],
+                             self._counters)
 
     def close(self) -> None:
         pass
@@ -84,7 +96,8 @@ class FakeProbe(Probe):
 
 class FakeKernel(Kernel):
     def __init__(self, maximum: int = 65536, buckets: Optional[int] = None, mem_total: int = 16 << 30,
-                 entry_bytes: Optional[int] = 256):
+                 entry_bytes: Optional[int] = 256, cached_counters: bool = False):
+        self.cached_counters = cached_counters
         self.globals = {"nf_conntrack_max": maximum, "nf_conntrack_buckets": buckets or maximum}
         self.namespaces: Dict[str, FakeNamespace] = {"": FakeNamespace()}
         self.loaded = True

@@ -75,6 +75,13 @@ NLMSG_MIN_TYPE = 0x10  # types below are netlink's own; nfnetlink's start with n
 SOL_NETLINK = 270
 NETLINK_CAP_ACK = 10
 SO_RCVBUFFORCE = 33
+# Enough for a socket that never dumps entries: the per-CPU counters (GET_STATS_CPU) are
+# a dump too, but the kernel sizes a dump's skb to the larger of NLMSG_GOODSIZE (under
+# 8 KiB) and the largest buffer this socket ever passed to recv (netlink_dump and
+# netlink_recvmsg's max_recvmsg_len), so a socket that only ever reads with this
+# buffer never gets a datagram larger than it. 64 KiB per watched namespace was
+# 16 MB of RSS with 250 of them.
+COUNTERS_RECV_BUFFER = 16384
 
 # enum cntl_msg_types
 IPCTNL_MSG_CT_NEW = 0
@@ -363,7 +370,10 @@ class CtnetlinkSocket:
     created.
     """
 
-    def __init__(self, netns: Optional[str] = None, rcvbuf: int = 1 << 20) -> None:
+    def __init__(self, netns: Optional[str] = None, rcvbuf: int = 1 << 20, recv_buffer: int = 65536) -> None:
+        """`recv_buffer`: the receive buffer for replies (not dumps). 64 KiB suits any
+        use; a socket that only ever asks for the counters (the sampler's, one per
+        watched namespace) can take COUNTERS_RECV_BUFFER."""
         self._sock: Optional[socket.socket] = None
         if netns is None:
             self._sock = self._open(rcvbuf)
@@ -372,7 +382,7 @@ class CtnetlinkSocket:
 
             with entered(netns):
                 self._sock = self._open(rcvbuf)
-        self._setup()
+        self._setup(recv_buffer)
 
     @classmethod
     def from_socket(cls, sock: socket.socket) -> "CtnetlinkSocket":
@@ -383,12 +393,12 @@ class CtnetlinkSocket:
         self._setup()
         return self
 
-    def _setup(self) -> None:
+    def _setup(self, recv_buffer: int = 65536) -> None:
         self._seq = 1
         # Receive buffers are allocated once: a stats reply is 36 bytes and
         # the kernel never builds a dump skb above 32 KiB, so 64 KiB never
         # truncates a read.
-        self._buf = bytearray(65536)
+        self._buf = bytearray(recv_buffer)
         self._stats_req = bytearray(
             _HDR.pack(20, _MSG_STATS, NLM_F_REQUEST, 0, 0) + bytes(4)
         )
@@ -399,11 +409,23 @@ class CtnetlinkSocket:
         # never overwritten by a counters request, an error tally for the
         # no-ack batched writes, and a flag that keeps counters requests off
         # the socket while a dump owns its receive queue.
-        self._dump_buf: bytearray = bytearray(65536)
+        # Allocated at the first dump: the sampler's sockets (one per watched
+        # namespace, up to hundreds) never dump, and 64 KiB each is RSS.
+        self._dump_buf_: Optional[bytearray] = None
         self._dump_active = False
         self.errors: Counter = Counter()
         self.errors_lost = 0
         self._broken_features: set = set()
+
+    @property
+    def _dump_buf(self) -> bytearray:
+        if self._dump_buf_ is None:
+            self._dump_buf_ = bytearray(65536)
+        return self._dump_buf_
+
+    @_dump_buf.setter
+    def _dump_buf(self, buf: bytearray) -> None:
+        self._dump_buf_ = buf
 
     @staticmethod
     def _open(rcvbuf: int) -> socket.socket:

@@ -41,7 +41,7 @@ from .actions.base import (GLOBAL, Context, Decision, Environment, Memory, Outco
                            calm)
 from .actions.table_max import ceiling  # noqa: F401 - part of the core's API (tests, plan)
 from .config import Policy, Rule, format_duration
-from .model import Sample
+from .model import NamespaceView, Sample
 
 # ----------------------------------------------------------------------------- triggers
 
@@ -316,4 +316,18 @@ def next_interval(sample: Optional[Sample], policy: Policy, memory: Memory) -> f
         return agent.fast_interval
     room = max(0, sample.max - sample.count)
     calm = room * STORM_ROOM_SHARE / agent.storm_rate
+    return min(agent.interval, max(agent.fast_interval, calm))
+
+
+def namespace_interval(view: NamespaceView, maximum: int, policy: Policy) -> float:
+    """How soon one namespace needs reading again: the tick next_interval would pick were
+    it the only one watched. The sampler reads a namespace no more often (unless its
+    counters fall due), so with hundreds watched and one storming the fast tick re-reads
+    the busy one every time and each calm one as often as its own free room asks."""
+    agent = policy.agent
+    ttf = view.time_to_full
+    if (view.usage >= agent.fast_usage or (ttf is not None and ttf < agent.fast_time_to_full)
+            or view.deltas.get("drop", 0) or view.deltas.get("early_drop", 0)):
+        return agent.fast_interval
+    calm = max(0, maximum - view.count) * STORM_ROOM_SHARE / agent.storm_rate
     return min(agent.interval, max(agent.fast_interval, calm))

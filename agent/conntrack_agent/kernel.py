@@ -33,11 +33,18 @@ PERMANENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.EOPN
 
 # The per-CPU counters cost more than the count (a dump of one message per CPU: ~12 µs
 # against ~4 µs). Drops and early drops only happen when a namespace's table is full,
-# so they are read every tick once this tick's count shows usage at or above
-# COUNTERS_EVERY_TICK_FROM, and at least every COUNTERS_REFRESH seconds otherwise;
-# counters are cumulative, so a skipped tick only moves its delta to the next read.
+# so a probe reads them every tick once this tick's count shows usage at or above
+# COUNTERS_EVERY_TICK_FROM (counters_needed), and otherwise when the caller asks: the
+# sampler asks at least every COUNTERS_REFRESH seconds, spread over the ticks (so 250
+# namespaces never all pay theirs in the same tick); counters are cumulative, so a
+# skipped tick only moves its delta to the next read.
 COUNTERS_EVERY_TICK_FROM = 0.5
 COUNTERS_REFRESH = 1.0
+
+
+def counters_needed(count: int, maximum: int) -> bool:
+    """Whether this count alone calls for fresh per-CPU counters (a table near full)."""
+    return count >= COUNTERS_EVERY_TICK_FROM * maximum
 
 
 # Unnamed namespaces (no /run/netns name) go by this prefix and their nsfs inode,
@@ -130,7 +137,6 @@ class LinuxProbe(Probe):
         self.fallback_reason = None
         self._counters: Optional[Dict[str, int]] = None
         self._buckets_value = 0
-        self._counters_at = 0.0
         self._sock: Optional[ctnetlink.CtnetlinkSocket] = None
         self._count = self._max = None
         self._stat: Optional[procfs.StatFile] = None
@@ -141,7 +147,7 @@ class LinuxProbe(Probe):
                                        procfs.sysctl_path("nf_conntrack_count"))
             self._buckets = procfs.IntFile(procfs.sysctl_path("nf_conntrack_buckets"))
             try:
-                self._sock = ctnetlink.CtnetlinkSocket()
+                self._sock = ctnetlink.CtnetlinkSocket(recv_buffer=ctnetlink.COUNTERS_RECV_BUFFER)
                 self._sock.stats()
             except OSError as exc:
                 self.fallback_reason = str(exc)
@@ -159,13 +165,11 @@ class LinuxProbe(Probe):
         else:
             count, maximum = self._count.read(), self._max.read()
         t = now()
-        if (counters or self._counters is None or count >= COUNTERS_EVERY_TICK_FROM * maximum
-                or t - self._counters_at >= COUNTERS_REFRESH):
+        if counters or self._counters is None or counters_needed(count, maximum):
             self._counters = self._sock.cpu_stats() if self._sock is not None else self._stat.read()
             # Buckets change only when someone resizes the table (the agent at most once
             # per buckets_cooldown): no need to read them more often than the counters.
             self._buckets_value = self._buckets.read()
-            self._counters_at = t
         return model.Reading(self.name, t, count, maximum, self._buckets_value, self._counters)
 
     def close(self) -> None:

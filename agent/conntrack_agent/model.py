@@ -74,6 +74,12 @@ class Sample:
         return self.soonest.time_to_full
 
     def busiest_dropper(self, counters: Tuple[str, ...]) -> NamespaceView:
+        # Asked several times a tick: with 250 namespaces the walk was ~0.7 ms of a 2.1 ms
+        # tick (the tick's Python alone, on the unit tests' fake kernel).
+        # Deltas are never negative: a zero total means none rose, and max() would
+        # return the first namespace, as here.
+        if not any(self.deltas.get(c, 0) for c in counters):
+            return self.namespaces[0]
         return max(self.namespaces, key=lambda ns: sum(ns.deltas.get(c, 0) for c in counters))
 
 

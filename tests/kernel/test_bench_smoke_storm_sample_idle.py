@@ -120,6 +120,31 @@ def test_idle_smoke(tmp_path):
     assert "Where the memory goes" in text and "calm tick" in text
 
 
+def test_whole_node_smoke(tmp_path):
+    before = _globals()
+    out = tmp_path / "whole_node.md"
+    proc = _bench(BENCH / "whole_node.py", "--count", "5", "--repeat", "1", "--idle", "2", "--warmup", "1",
+                  "--rate", "20000", "--total", "3000", "--base-max", "1024", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert _globals() == before                      # the storm's max and buckets restored
+    data = json.loads(out.with_suffix(".json").read_text())
+    left = [n for n in rig.sh(["ip", "netns", "list"]).stdout.split() if n.startswith(data["glob"].rstrip("*"))]
+    assert left == []                                 # every bench namespace removed
+    # Both set-ups ran in both phases: 'all' watched every bench namespace, 'one' the storming one.
+    for phase in ("idle", "storm"):
+        setups = {r["setup"]: r for r in data[phase]}
+        assert set(setups) == {"all", "one"}, phase
+        assert setups["all"]["watched"] == 5 and setups["one"]["watched"] == 1, phase
+    for row in data["idle"]:
+        assert row["cpu_ms_per_s"] > 0 and row["rss_mb"] > 0 and row["wakeups_per_s"] > 0
+    for row in data["storm"]:
+        assert row["sent"] == 3000 and row["start_max"] == 1024
+        assert row["raises"] >= 1 and row["reaction_ms"] is not None   # 3000 flows into 1024: the agent raised
+    assert len(data["targets"]) == 1
+    text = out.read_text()
+    assert "## Idle" in text and "## One namespace storming" in text and "Against the target" in text
+
+
 def test_runner_quick_writes_benchmarks(tmp_path):
     proc = _bench(REPO / "bench" / "run", "--quick", "--out-dir", tmp_path, "sample")
     assert proc.returncode == 0, proc.stderr
