@@ -120,10 +120,7 @@ class Sampler:
         for name, probe in list(self.probes.items()):
             if name in self._views and (
                     (only is not None and name not in only)
-                    or (paced and now < next_read.get(name, 0.0) and now < due.get(name, 0.0)
-                        # A sample asked for at the very instant of the last read (a
-                        # stopped clock: start, then the first tick) reads again.
-                        and now > self.last_readings[name].time)):
+                    or (paced and now < next_read.get(name, 0.0) and now < due.get(name, 0.0))):
                 # Not read now: its last view stands, without its counter deltas (counted
                 # once already: for a re-read, model.carrying_deltas adds them back).
                 carried = self._carried.get(name)
