@@ -363,6 +363,10 @@ def kernel_times(lines: list) -> dict:
             out.setdefault("first_module_load", at)
             if rest.split()[0] == "nf_conntrack":
                 out["module_load"] = at
+            elif rest.split()[0] == "nf_conntrack_netlink":
+                out["ctnetlink_load"] = at   # the kernel's own modprobe, for the agent's ctnetlink socket
+        elif kind == "initcall_finish" and "ctnetlink_load" in out:
+            out.setdefault("ctnetlink_ready", at)
         elif kind.startswith("initcall_") and "module_load" in out:
             out.setdefault(kind, at)
         elif kind == "uevent" and 'name="nf_conntrack"' in rest and "action=0" in rest.split()[-1]:
@@ -444,6 +448,8 @@ def test_the_agent_applies_sysctl_d_the_moment_nf_conntrack_loads(tmp_path):
             "init_done_to_uevent": _ms(kern["initcall_finish"], kern.get("uevent")),
             "uevent_to_agent": _ms(emitted, woke),
             "agent_to_written": _ms(woke, written),
+            "agent_to_ctnetlink_load": _ms(woke, kern.get("ctnetlink_load")),
+            "ctnetlink_load_to_ready": _ms(kern.get("ctnetlink_load"), kern.get("ctnetlink_ready")),
             "exec_to_written": _ms(load["exec"], written),
             "uevent_to_written": _ms(emitted, written),
             "modprobe_exit_after_exec": _ms(load["exec"], load["exited"]),
