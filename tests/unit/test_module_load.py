@@ -237,3 +237,33 @@ def test_no_uevent_socket_leaves_the_reprobe(tmp_path, fails):
     # Without a socket only the reprobe finds it (5 s after the start's probe);
     # with one, a load without an event (this test sends none) still is found by it.
     assert at == service.REPROBE_INTERVAL and fields["trigger"] == "reprobe"
+
+
+def test_on_the_uevent_the_baseline_is_written_before_the_probe_opens(tmp_path):
+    """Opening the probe's ctnetlink socket makes the kernel load two more modules
+    (a modprobe each): the baseline must not wait for that."""
+    kernel, bus, loop, log, agent, sup = _node(tmp_path, loaded=False)
+    order: List[str] = []
+    real_open, real_write = kernel.open_probe, kernel.write_sysctl
+
+    def open_probe(name: str) -> Any:
+        if kernel.loaded:
+            order.append("probe")
+        return real_open(name)
+
+    def write_sysctl(netns: str, name: str, value: int) -> None:
+        order.append("write " + name)
+        real_write(netns, name, value)
+
+    kernel.open_probe, kernel.write_sysctl = open_probe, write_sysctl
+
+    def load() -> None:
+        kernel.loaded = True
+        bus.module_loaded()
+
+    loop.script.append((1.0, load))
+    sup.run()
+    assert order == ["write nf_conntrack_max", "probe"]
+    [(at, fields)] = log.of("baseline_applied")          # once: the probe's opening does not repeat it
+    assert at == 1.0 and fields["trigger"] == "uevent"
+    assert [k for _, k, _ in log.items].count("conntrack_available") == 1
