@@ -83,7 +83,8 @@ class Supervisor:
     (or a stand-in with BUS_NAME and publish()), None for no D-Bus API."""
 
     def __init__(self, agent: Any, notifier: Any, loop: Any, bus: Any = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 listen: Optional[Callable[[], Any]] = None) -> None:
         self.agent = agent
         self.notifier = notifier
         self.loop = loop
@@ -98,6 +99,9 @@ class Supervisor:
         self._policy_watch: Optional[Any] = None
         self._policy_reload: Optional[Any] = None
         self._uevents: Optional[Any] = None
+        self._uevents_polled = False
+        # Opens the uevent socket (uevent.UeventListener; the tests hand in a fake).
+        self._listen = listen or _uevent_listener
         loop.on_error = self._callback_failed
 
     # ------------------------------------------------------------------ life
@@ -112,9 +116,16 @@ class Supervisor:
             self.loop.close()
 
     def _run(self, once: bool) -> int:
+        if not once:
+            # Before the agent's first probe: a module loaded after that probe found it
+            # missing is then an event queued on the socket, answered as soon as the loop
+            # runs, not a wait for the 5 s reprobe. _watch_uevents() closes it again after
+            # the start when nothing is missing.
+            self._open_uevents()
         try:
             self.agent.start()
         except Exception as exc:  # noqa: BLE001 - decides the exit status, and with it systemd's restart
+            self._close_uevents()
             return self._start_failed(exc)
         if once:
             self.notifier.status(self._status_line())
@@ -125,6 +136,7 @@ class Supervisor:
             except Exception as exc:  # noqa: BLE001 - one tick, and its failure is the exit status
                 self._tick_failed(exc)
                 status = EXIT_FAIL
+            self._close_uevents()
             self.notifier.stopping()
             self.agent.stop("--once")
             return status
@@ -144,10 +156,10 @@ class Supervisor:
             if self.published is not None:
                 self.published.close()
                 self.published = None
-            for watch in (self._policy_watch, self._uevents):
-                if watch is not None:
-                    self.loop.remove_readable(watch.fileno())
-                    watch.close()
+            if self._policy_watch is not None:
+                self.loop.remove_readable(self._policy_watch.fileno())
+                self._policy_watch.close()
+            self._close_uevents()
         self.agent.stop(self.stopped_by or "main loop ended")
         return EXIT_OK
 
@@ -269,29 +281,56 @@ class Supervisor:
         next reprobe. Closed again once everything is open (uevents are frequent on
         some nodes, and each would wake the agent)."""
         missing = bool(getattr(self.agent.sampler, "unavailable", None))
-        if missing and self._uevents is None:
-            from . import uevent
-            try:
-                self._uevents = uevent.UeventListener()
-            except OSError:
+        if not missing:
+            self._close_uevents()
+            return
+        if self._uevents is None:
+            if not self._open_uevents():
                 return   # the 5 s reprobe still finds the module
+            self._start_polling_uevents()
+            # Opened after a tick found the module gone: a load between that tick's look
+            # and this open sent its event before the socket existed. Look once more.
+            self.agent.probe_now("reprobe")
+            if not getattr(self.agent.sampler, "unavailable", None):
+                self._close_uevents()
+            return
+        self._start_polling_uevents()
+
+    def _open_uevents(self) -> bool:
+        if self._uevents is None:
+            try:
+                self._uevents = self._listen()
+            except OSError:
+                return False
+        return True
+
+    def _start_polling_uevents(self) -> None:
+        if not self._uevents_polled:
             self.loop.on_readable(self._uevents.fileno(), self._uevent_ready)
-        elif not missing and self._uevents is not None:
+            self._uevents_polled = True
+
+    def _close_uevents(self) -> None:
+        if self._uevents is None:
+            return
+        if self._uevents_polled:
             self.loop.remove_readable(self._uevents.fileno())
-            self._uevents.close()
-            self._uevents = None
+            self._uevents_polled = False
+        self._uevents.close()
+        self._uevents = None
 
     def _uevent_ready(self) -> None:
         from . import uevent
         if self._uevents is None:
             return
+        woke = time.monotonic()   # CLOCK_MONOTONIC whatever self.clock is: compared with the kernel's
         try:
             events = self._uevents.read_events()
         except (OSError, uevent.UeventError):
             return
-        if any(uevent.is_conntrack_load(e) for e in events):
+        loads = [e for e in events if uevent.is_conntrack_load(e)]
+        if loads:
             try:
-                self.agent.probe_now()
+                self.agent.probe_now("uevent", uevent_seqnum=loads[-1].seqnum, uevent_usec=int(woke * 1e6))
             finally:
                 self._agent_changed()
                 self._watch_uevents()
@@ -356,6 +395,11 @@ class Supervisor:
         """A loop callback raised past the supervisor's own handlers (a bug): log it;
         the backend keeps the timer or signal handler that raised."""
         _log(self.agent.log, "internal_error", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+
+
+def _uevent_listener() -> Any:
+    from . import uevent
+    return uevent.UeventListener()
 
 
 def _log(log: Any, kind: str, detail: Optional[str] = None, **fields: Any) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import replace
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from . import __version__, actions, config, decisions, logsetup, metrics, model
 from .executor import Executor, netns_label, owned_records, sample_fields
@@ -141,8 +141,8 @@ class Agent:
                       namespaces=", ".join(self.policy.agent.namespaces) if self._dynamic()
                       else ", ".join(netns_label(n) for n in self.sampler.namespaces),
                       policy=self.policy_label, rules="; ".join(config.describe(self.policy)))
-        self._start_discovery()
-        self._probe()
+        self._start_discovery("start")
+        self._probe("start")
         if not self.read_only:
             self._recover_ownership()
         sample = self.sampler.sample()
@@ -176,7 +176,7 @@ class Agent:
         """Patterns ("*", "host", globs) are followed live; plain names are a fixed list."""
         return any(p in ("*", "host") or any(c in p for c in "*?[") for p in self.policy.agent.namespaces)
 
-    def _start_discovery(self) -> None:
+    def _start_discovery(self, trigger: str = "namespace") -> None:
         if not self._dynamic():
             if self.discovery is not None:
                 self.discovery.close()
@@ -191,7 +191,7 @@ class Agent:
             # new pod within 2 s when "*" asks for them; otherwise only for labels.
             interval = DISCOVERY_SCAN if discovery.needs_unnamed(self.policy.agent.namespaces) else LABEL_SCAN
             self.discovery = discovery.Discovery(scan_interval=interval, clock=self.clock)
-        self._apply_discovery(self.discovery.poll(rescan=True))
+        self._apply_discovery(self.discovery.poll(rescan=True), trigger)
 
     def _discover(self) -> None:
         """Once a tick: a few µs when nothing changed."""
@@ -201,7 +201,7 @@ class Agent:
         if changes.appeared or changes.vanished or changes.renamed:
             self._apply_discovery(changes)
 
-    def _apply_discovery(self, changes: Any) -> None:
+    def _apply_discovery(self, changes: Any, trigger: str = "namespace") -> None:
         from . import discovery, kernel as kernel_names
 
         patterns = self.policy.agent.namespaces
@@ -235,11 +235,12 @@ class Agent:
         self.watched = watched
         self.sampler.set_namespaces(tuple(watched))
         self.env = replace(self.env, namespaces=tuple(watched) or ("",))
-        self._probe()   # open the new ones now, not at the next reprobe
+        self._probe(trigger)   # open the new ones now, not at the next reprobe
 
-    def _probe(self) -> None:
+    def _probe(self, trigger: str = "reprobe", baselined: Sequence[str] = (), **cause: Any) -> None:
         """Open what is not open yet (a module loaded, a namespace appeared), and bring
-        what opened to the baseline."""
+        what opened to the baseline (but those in `baselined`, already done). `trigger`
+        and `cause` say why it looked now (see apply_baseline)."""
         opened, failed = self.sampler.open_missing()
         for name, why in failed.items():
             logsetup.emit(self.log, "conntrack_unavailable", netns=name, netns_label=netns_label(name), error=why)
@@ -250,22 +251,41 @@ class Agent:
                           count=reading.count, max=reading.max, buckets=reading.buckets, source=probe.source,
                           fallback_reason=probe.fallback_reason)
         self._next_probe = self.clock() + REPROBE_INTERVAL
-        if opened:
-            self.apply_baseline(opened)
+        rest = [name for name in opened if name not in baselined]
+        if rest:
+            self.apply_baseline(rest, trigger, **cause)
 
-    def probe_now(self) -> None:
-        """nf_conntrack was just loaded (a kernel uevent): no need to wait for the reprobe."""
+    def probe_now(self, trigger: str = "uevent", **cause: Any) -> None:
+        """nf_conntrack was just loaded (a kernel uevent): no need to wait for the reprobe.
+
+        The baseline goes first, then the probe opens: the writes need only the module's
+        sysctls, while the probe's ctnetlink socket makes the kernel load nfnetlink and
+        nf_conntrack_netlink, a modprobe each, before it answers (in the Debian 12 VM
+        under TCG, 340-780 ms of the 560-1080 ms from the uevent to the writes)."""
         if self.sampler.unavailable:
-            self._probe()
+            done = self.apply_baseline(list(self.sampler.unavailable), trigger, **cause)
+            self._probe(trigger, baselined=done, **cause)
 
-    def apply_baseline(self, namespaces: List[str]) -> None:
+    def apply_baseline(self, namespaces: List[str], trigger: str = "reload", **cause: Any) -> List[str]:
         """The admin's [baseline] in each given namespace (max and buckets once, from the
-        agent's own namespace). Not recorded: baseline values are not the agent's."""
+        agent's own namespace). Not recorded: baseline values are not the agent's.
+
+        The event says what made the agent apply it (`trigger`: start, uevent, reprobe,
+        namespace or reload) and carries CLOCK_MONOTONIC in µs once the writes are done
+        (`monotonic_usec`), plus the supervisor's `cause` fields (for a uevent: its SEQNUM
+        and when the agent woke for it): "modprobe to baseline" can then be taken apart
+        against the kernel's own timestamps (journald's are taken when the entry reaches
+        it, later). time.monotonic(), not self.clock: the point is comparing with the
+        kernel's clock, whatever clock the agent's decisions run on.
+
+        Returns the namespaces whose sysctls could be read (brought to the baseline,
+        or already there)."""
         from . import baseline
 
         spec = self.policy.baseline
         if spec.empty:
-            return
+            return []
+        reached = []
         values = baseline.wanted(spec, self._sysctl_d_values() if spec.from_sysctl_d else None)
         owned = {(c.netns, c.name) for c in self.journal.entries()}
         for name in namespaces:
@@ -275,6 +295,8 @@ class Agent:
                     current[sysctl] = self.kernel.read_sysctl(name, sysctl)
                 except OSError:
                     continue   # a sysctl this kernel or namespace lacks: nothing to bring up
+            if current:
+                reached.append(name)
             mine = frozenset(s for (ns, s) in owned if ns == name or s in baseline.GLOBALS)
             writes = baseline.plan(values, current, mine, global_scope=(name == ""))
             done, failed = [], []
@@ -290,10 +312,13 @@ class Agent:
             if done or failed:
                 changes = ", ".join(f"{w.name[len('nf_conntrack_'):]} {w.current}→{w.value} ({w.source})"
                                     for w in done) or "nothing"
+                written_at = time.monotonic()
                 logsetup.emit(self.log, "baseline_applied", self.policy.agent.dry_run, netns=name,
                               netns_label=netns_label(name), changes=changes,
                               failed="; ".join(failed) or None,
-                              detail=("; could not write " + "; ".join(failed)) if failed else "")
+                              detail=("; could not write " + "; ".join(failed)) if failed else "",
+                              trigger=trigger, monotonic_usec=int(written_at * 1e6), **cause)
+        return reached
 
     def _sysctl_d_values(self) -> Dict[str, Any]:
         """The net.netfilter.nf_conntrack_* lines of sysctl.d, in systemd-sysctl's order
@@ -363,7 +388,7 @@ class Agent:
         if self._attribution is not None:
             self._collect_attribution()
         if self.sampler.unavailable and self.clock() >= self._next_probe:
-            self._probe()
+            self._probe("reprobe")
         sample = self.sampler.sample()
         if sample is None:
             self.last_sample = None
@@ -555,12 +580,12 @@ class Agent:
             self.watched = {}
             self.labels.clear()
             self._open_sampler()
-            self._start_discovery()
-            self._probe()
+            self._start_discovery("reload")
+            self._probe("reload")
         logsetup.emit(self.log, "policy_loaded", self.policy.agent.dry_run, policy=self.policy_label,
                       rules="; ".join(config.describe(self.policy)))
         # An edited [baseline] applies now, not at the next module load or new namespace.
-        self.apply_baseline(list(self.sampler.probes))
+        self.apply_baseline(list(self.sampler.probes), "reload")
         return True
 
     def evaluate(self) -> List[decisions.Decision]:
