@@ -380,8 +380,9 @@ class Agent:
         self._note_pressure(sample, busy=decisions.under_pressure(sample, self.policy))
         # Under pressure (including its hold time) the fast tick runs: a bursty storm
         # has quiet gaps between bursts that must not send the agent back to sleep.
+        # Otherwise the sample was just found not busy: next_interval() without asking again.
         interval = (self.policy.agent.fast_interval if self._under_pressure
-                    else decisions.next_interval(sample, self.policy, self.memory))
+                    else decisions.calm_interval(sample, self.policy))
         for decision in found:
             outcome = self.executor.execute(decision, sample, self.policy)
             self.memory = decisions.after_outcome(self.memory, decision, outcome, sample.time)
