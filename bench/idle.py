@@ -317,7 +317,15 @@ def measure_agents(rig, args, tmp: Path) -> Tuple[List[Dict[str, Any]], Dict[str
     calm = benchlib.calm_tick(quiet_max)
     refs_spec = references(calm)
     try:
-        with rig.Namespace() as ns:
+        # The global lock: a test setting nf_conntrack_max mid-run (to 32768, say) would
+        # shorten the agents' calm tick (655 ms -> 82 ms) for that while, and multiply
+        # their wake-ups with it. The references, which do not follow the max, would not
+        # show it.
+        with rig.global_lock(), rig.Namespace() as ns:
+            if rig.read_sysctl("nf_conntrack_max") != quiet_max:
+                quiet_max = rig.read_sysctl("nf_conntrack_max")   # changed while waiting for the lock
+                calm = benchlib.calm_tick(quiet_max)
+                refs_spec = references(calm)
             profile = profile_tick(ns, benchlib.policy_dir(tmp / "profile"), args.profile_ticks)
             for name, extra, dbus, _label in modes:
                 config = benchlib.policy_dir(tmp / name, (), [extra] if extra else [])

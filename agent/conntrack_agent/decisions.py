@@ -109,6 +109,63 @@ def _ns(netns: str) -> str:
 def decide(sample: Sample, policy: Policy, memory: Memory, env: Environment,
            owned: Sequence[Owned] = ()) -> Tuple[List[Decision], Memory]:
     owned = tuple(owned)
+    if quiet(sample, policy, memory, owned):
+        # Most ticks of a node that needs no help: what the loop below would return
+        # (tests/unit/test_decisions.py compares the two on random inputs).
+        return [], memory
+    return _decide(sample, policy, memory, env, owned)
+
+
+def quiet(sample: Sample, policy: Policy, memory: Memory, owned: Tuple[Owned, ...]) -> bool:
+    """Whether the full decide() provably proposes nothing and returns `memory` as it
+    is: nothing owned, every timer at rest, and no condition of any enabled rule's
+    trigger (nor of the insertion-race notice) holding.
+
+    Then no watcher has a record to watch; every trigger yields no reason and leaves
+    held_since/held_samples at None/0; every rule settles, with nothing owned and its
+    memory at rest, to nothing (the contract of Action.quiet_unowned, which each rule's
+    action must declare); orphans need records; the race notice needs a counter rising.
+    last_fired may be anything: only a firing rule reads it. A quiet tick costs a few
+    attribute reads instead of a Context, a trigger and a settle per rule (measured:
+    the idle tick's largest part, BENCHMARKS.md)."""
+    if (owned or memory.at_ceiling or memory.race_since is not None or memory.orphan_calm
+            or memory.orphan_retry_at):
+        return False
+    for rm in memory.rules.values():
+        if (rm.held_since is not None or rm.held_samples or rm.active_since is not None
+                or rm.calm_since is not None or rm.covered or rm.undo_retry_at is not None):
+            return False
+    for action in actions.WATCHERS:
+        if not action.quiet_unowned:
+            return False
+    fullest = sample.fullest
+    soonest = sample.soonest
+    ttf = soonest.time_to_full
+    counters = RACE_COUNTERS
+    for rule in policy.active_rules():
+        if not actions.get(rule.action).quiet_unowned:
+            return False
+        trigger = rule.trigger
+        if trigger.usage_at_least is not None and fullest.usage >= trigger.usage_at_least:
+            return False
+        if (trigger.time_to_full_below is not None and ttf is not None and ttf < trigger.time_to_full_below
+                and soonest.usage >= trigger.time_to_full_min_usage):
+            return False
+        if trigger.counters_increasing:
+            counters = counters + trigger.counters_increasing
+    # Whichever namespace busiest_dropper() would pick, no counter of its rises.
+    for ns in sample.namespaces:
+        deltas = ns.deltas
+        if deltas:
+            for c in counters:
+                if deltas.get(c, 0) > 0:
+                    return False
+    return True
+
+
+def _decide(sample: Sample, policy: Policy, memory: Memory, env: Environment,
+            owned: Tuple[Owned, ...]) -> Tuple[List[Decision], Memory]:
+    """decide() without the quiet-tick shortcut: every action's watch, every rule."""
     decisions: List[Decision] = []
     actions_taken = 0
     budget = policy.agent.max_actions_per_tick
@@ -314,6 +371,12 @@ def next_interval(sample: Optional[Sample], policy: Policy, memory: Memory) -> f
         return agent.interval
     if under_pressure(sample, policy):
         return agent.fast_interval
+    return calm_interval(sample, policy)
+
+
+def calm_interval(sample: Sample, policy: Policy) -> float:
+    """next_interval() for a sample known not to be under pressure."""
+    agent = policy.agent
     room = max(0, sample.max - sample.count)
     calm = room * STORM_ROOM_SHARE / agent.storm_rate
     return min(agent.interval, max(agent.fast_interval, calm))

@@ -164,8 +164,8 @@ class Agent:
         return journal
 
     def _open_sampler(self) -> None:
-        if self.sampler is not None:
-            self.sampler.close()
+        """A sampler for the policy's namespaces. The one it replaces is left open:
+        a reload closes it only once the new policy is taken in full (see reload)."""
         names = tuple(self.watched) if self._dynamic() else self.policy.agent.namespaces
         self.sampler = Sampler(names, self.policy.agent.fill_rate_window, self.clock, kernel=self.kernel,
                                pace=lambda view, maximum: decisions.namespace_interval(view, maximum, self.policy))
@@ -409,8 +409,9 @@ class Agent:
         self._note_pressure(sample, busy=decisions.under_pressure(sample, self.policy))
         # Under pressure (including its hold time) the fast tick runs: a bursty storm
         # has quiet gaps between bursts that must not send the agent back to sleep.
+        # Otherwise the sample was just found not busy: next_interval() without asking again.
         interval = (self.policy.agent.fast_interval if self._under_pressure
-                    else decisions.next_interval(sample, self.policy, self.memory))
+                    else decisions.calm_interval(sample, self.policy))
         for decision in found:
             outcome = self.executor.execute(decision, sample, self.policy)
             self.memory = decisions.after_outcome(self.memory, decision, outcome, sample.time)
@@ -563,30 +564,57 @@ class Agent:
     # ------------------------------------------------------------------ control
 
     def reload(self) -> bool:
+        """Re-read the policy and take it in full, or not at all: anything that raises
+        while the new policy and what follows from it (the watched namespaces, their
+        sampler and discovery, the environment, the memory's `lost`) are being taken
+        puts every piece back as it was and re-raises (the supervisor logs
+        reload_failed: the running policy stays, as that event says). Only then is the
+        old sampler and discovery closed, and the baseline applied: its writes to the
+        kernel cannot be taken back, so a failure there does not undo the reload."""
         try:
             fresh = self._read_policy()
         except config.PolicyError as exc:
             logsetup.emit(self.log, "policy_invalid", keeping=f"keeping the running policy ({self.policy_label})",
                           error=str(exc), errors=[str(p) for p in exc.problems])
             return False
+        before = _Derived.of(self)
+        try:
+            self._take(fresh)
+            rules = "; ".join(config.describe(self.policy))
+        except Exception:
+            opened = (self.sampler, self.discovery)
+            before.restore(self)
+            if opened[0] is not None and opened[0] is not before.sampler:
+                opened[0].close()
+            if opened[1] is not None and opened[1] is not before.discovery:
+                opened[1].close()
+            raise
+        if before.sampler is not None and before.sampler is not self.sampler:
+            before.sampler.close()
+        if before.discovery is not None and before.discovery is not self.discovery:
+            before.discovery.close()
+        logsetup.emit(self.log, "policy_loaded", self.policy.agent.dry_run, policy=self.policy_label, rules=rules)
+        # An edited [baseline] applies now, not at the next module load or new namespace.
+        try:
+            self.apply_baseline(list(self.sampler.probes), "reload")
+        except Exception as exc:  # noqa: BLE001 - see the docstring; each write's own failure is logged there
+            logsetup.emit(self.log, "internal_error", error=f"applying the baseline: {type(exc).__name__}: {exc}",
+                          exc_info=exc)
+        return True
+
+    def _take(self, fresh: config.Policy) -> None:
+        """The policy and what it derives; reload() undoes it all if this raises."""
         namespaces_changed = fresh.agent.namespaces != self.policy.agent.namespaces
         self.policy = fresh
         self.memory = replace(self.memory, lost=frozenset())  # a reload is the operator's "try again"
         if namespaces_changed:
             self.env = replace(self.env, namespaces=fresh.agent.namespaces or ("",))
-            if self.discovery is not None:
-                self.discovery.close()
-                self.discovery = None
+            self.discovery = None      # the old one stays open until the reload is taken (reload)
             self.watched = {}
             self.labels.clear()
             self._open_sampler()
             self._start_discovery("reload")
             self._probe("reload")
-        logsetup.emit(self.log, "policy_loaded", self.policy.agent.dry_run, policy=self.policy_label,
-                      rules="; ".join(config.describe(self.policy)))
-        # An edited [baseline] applies now, not at the next module load or new namespace.
-        self.apply_baseline(list(self.sampler.probes), "reload")
-        return True
 
     def evaluate(self) -> List[decisions.Decision]:
         """What the agent would do on its latest sample, without acting or advancing its
@@ -774,6 +802,33 @@ class Agent:
             self._metrics_server = None
         if self.sampler is not None:
             self.sampler.close()
+
+
+class _Derived:
+    """What Agent.reload() changes, as it was before: put back as one if the reload fails.
+    labels and the kernel's unnamed namespaces are dicts others hold (the executor,
+    the kernel seam): their contents are put back, not the objects."""
+
+    FIELDS = ("policy", "memory", "env", "sampler", "discovery", "watched", "_cap_logged", "_next_probe")
+
+    def __init__(self, values: Dict[str, Any], labels: Dict[str, Any], unnamed: Optional[Dict[str, Any]]) -> None:
+        self.values, self.labels, self.unnamed = values, labels, unnamed
+        self.sampler, self.discovery = values["sampler"], values["discovery"]
+
+    @classmethod
+    def of(cls, agent: "Agent") -> "_Derived":
+        unnamed = getattr(agent.kernel, "unnamed", None)
+        return cls({name: getattr(agent, name) for name in cls.FIELDS}, dict(agent.labels),
+                   dict(unnamed) if unnamed is not None else None)
+
+    def restore(self, agent: "Agent") -> None:
+        for name, value in self.values.items():
+            setattr(agent, name, value)
+        agent.labels.clear()
+        agent.labels.update(self.labels)
+        if self.unnamed is not None:
+            agent.kernel.unnamed.clear()
+            agent.kernel.unnamed.update(self.unnamed)
 
 
 def attribution_summary(result: Any) -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -485,3 +486,125 @@ def test_a_pressure_episode_says_who_fills_the_table_once(tmp_path):
     report = rig.agent.report()
     assert report["headroom"] == {"free": 200, "early_droppable": 600, "effective": 800,
                                   "measured_at": report["headroom"]["measured_at"]}
+
+
+# ---------------------------------------------------------------------- a reload that fails half-way
+
+RELOAD_POLICY = """
+[agent]
+namespaces = {namespaces}
+state_file = "{state}"
+interval = "{interval}"
+fast_interval = "{fast}"
+watch_policy = {watch}
+
+[metrics]
+textfile = "{textfile}"
+
+[[rule]]
+name = "shorten"
+action = "set_timeouts"
+enabled = {enabled}
+cooldown = "1s"
+[rule.trigger]
+usage_at_least = 0.5
+[rule.set_timeouts]
+values = {{ udp_timeout = "10s" }}
+restore_after = "3s"
+restore_below = 0.3
+
+[[rule]]
+name = "shorten-timeouts"
+enabled = false
+"""
+
+
+class ReloadNotifier:
+    def __init__(self) -> None:
+        self.sent: List[str] = []
+
+    def reloading(self) -> None: self.sent.append("RELOADING")
+    def ready(self) -> None: self.sent.append("READY")
+    def status(self, text: str) -> None: self.sent.append("STATUS")
+
+
+class ReloadLoop:
+    on_error = None
+
+    def __init__(self) -> None:
+        self.readers: Dict[int, Any] = {}
+
+    def on_readable(self, fd: int, callback: Any) -> None: self.readers[fd] = callback
+    def remove_readable(self, fd: int) -> None: self.readers.pop(fd, None)
+
+
+def _reload_policy(rig: Rig, new: bool) -> None:
+    rig.policy.write_text(RELOAD_POLICY.format(
+        namespaces='["a", "b"]' if new else '["a"]', state=rig.state, interval="2s" if new else "1s",
+        fast="100ms" if new else "50ms", watch="true" if new else "false",
+        textfile=rig.tmp / ("new.prom" if new else "old.prom"), enabled="false" if new else "true"))
+
+
+@pytest.mark.parametrize("step", ["_start_discovery", "_probe", "describe"])
+def test_a_reload_that_raises_after_taking_the_policy_leaves_the_old_one_in_force_in_full(tmp_path, monkeypatch,
+                                                                                            step):
+    """The new policy is swapped in, then a later step raises: the agent must run on the
+    old policy in every piece derived from it, not on a mix, and say so."""
+    from conntrack_agent import mainloop, sampler as sampler_module
+
+    rig = Rig(tmp_path, namespaces=("a", "b"))
+    _reload_policy(rig, new=False)
+    agent = rig.start()
+    sup = mainloop.Supervisor(agent, ReloadNotifier(), ReloadLoop(), clock=rig.clock)
+    old_policy, old_sampler = agent.policy, agent.sampler
+    agent.memory = replace(agent.memory, lost=frozenset({("timeouts", "b")}))
+    opened: List[Any] = []
+
+    class Recorded(sampler_module.Sampler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            opened.append(self)
+
+    monkeypatch.setattr(service, "Sampler", Recorded)
+
+    def boom(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError(f"{step} broke")
+
+    if step == "describe":
+        monkeypatch.setattr(config, "describe", boom)
+    else:
+        monkeypatch.setattr(agent, step, boom)
+    _reload_policy(rig, new=True)
+
+    assert sup.reload() is False
+    failed = rig.events.of("reload_failed")
+    assert len(failed) == 1 and f"{step} broke" in failed[0]["error"]
+    assert failed[0]["policy"] == str(rig.policy)
+    assert not rig.events.of("policy_loaded")
+    # Every piece as before: the policy, what the memory forgets at a reload, the
+    # watched namespaces and their sampler (still open), the policy watcher.
+    assert agent.policy is old_policy
+    assert agent.memory.lost == {("timeouts", "b")}
+    assert agent.env.namespaces == ("a",)
+    assert agent.sampler is old_sampler and set(old_sampler.probes) == {"a"}
+    assert all(not s.probes for s in opened), "the sampler opened for the new policy was left open"
+    assert agent.discovery is None and agent.watched == {}
+    assert sup._policy_watch is None and sup.loop.readers == {}
+    # ... and it acts on it: the old tick intervals, the old rule, the old metrics file.
+    monkeypatch.undo()
+    assert agent.tick() == pytest.approx(0.05)
+    rig.set_count(700, "a")
+    rig.run_for(1, step=0.05)
+    assert rig.udp("a") == 10 and rig.udp("b") == 30
+    agent.publish_metrics()
+    assert (tmp_path / "old.prom").exists() and not (tmp_path / "new.prom").exists()
+
+    # The same file, once nothing breaks, is taken in full.
+    rig.set_count(0, "a")
+    assert sup.reload() is True
+    assert agent.env.namespaces == ("a", "b") and set(agent.sampler.probes) == {"a", "b"}
+    assert not old_sampler.probes, "the replaced sampler was left open"
+    assert agent.memory.lost == frozenset()
+    assert sup._policy_watch is not None
+    assert agent.tick() == pytest.approx(0.1)
+    sup._policy_watch.close()

@@ -208,6 +208,12 @@ class Action:
     undo_kind: str = ""        # the event kind of its undo ("" if it cannot be undone)
     records = True             # its changes are sysctls recorded in the journal (evict: none)
     sysctls: Tuple[str, ...] = ()
+    # The promise decisions.quiet() relies on to skip a quiet tick: with nothing owned
+    # (no journal record at all) and the rule's memory at rest (no field but
+    # last_fired set), watch(), settle() and follow_up() propose nothing and return
+    # the memory they were given. An action that cannot promise it leaves this False
+    # and every tick then walks the full loop.
+    quiet_unowned = False
 
     # ---- pure
     def watch(self, ctx: Context) -> Tuple[List[Decision], Memory]:

@@ -39,6 +39,7 @@ class ResizeBuckets(Action):
     capability = "buckets"
     undo_kind = "restore_buckets"
     sysctls = (NAME,)
+    quiet_unowned = True   # no watch, settle or follow-up of its own (follow() is the max's)
 
     def follow(self, rule: Rule, ctx: Context) -> Tuple[List[Decision], Memory]:
         """Called by the raise_max rule every tick: buckets for the max it owns."""

@@ -25,6 +25,7 @@ class Evict(Action):
     kind = "evict"
     capability = "evict"
     records = False
+    quiet_unowned = True   # it only fires: nothing to watch, settle or follow up
 
     def fire(self, rule: Rule, ctx: Context) -> Tuple[List[Decision], Memory]:
         if ctx.memory.has_lost(self.capability, ctx.netns):

@@ -55,6 +55,7 @@ class RaiseMax(Action):
     capability = "max"
     undo_kind = "restore_max"
     sysctls = (NAME,)
+    quiet_unowned = True   # watch, settle and the buckets' follow-up all start from the owned max
 
     # ------------------------------------------------------------------ pure
 

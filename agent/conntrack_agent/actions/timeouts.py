@@ -34,6 +34,7 @@ class SetTimeouts(Action):
     kind = "set_timeouts"
     capability = "timeouts"
     undo_kind = "restore_timeouts"
+    quiet_unowned = True   # settle starts from the rule's records, covered and active_since
 
     # ------------------------------------------------------------------ pure
 
