@@ -383,8 +383,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(dict(snapshot, source=source, owned=data["owned"]), default=str))
         return EXIT_OK
     ttf = snapshot.get("time_to_full")
-    rows = [
-        ("source", source),
+    rows = [("source", source)]
+    if agent is None and source.startswith("agent (/"):
+        # The file is rewritten every 15 s when calm (each second under pressure): say how old.
+        age = max(0.0, time.time() - float(data.get("written_at", 0)))
+        rows.append(("as of", f"{age:.0f}s ago"))
+    rows += [
         ("count", f"{snapshot['count']} / {snapshot['max']} ({snapshot['usage']:.1%})"),
         ("buckets", snapshot.get("buckets", "?")),
         ("fill rate", f"{snapshot['fill_rate']:+.1f} entries/s"),

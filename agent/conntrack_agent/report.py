@@ -2,8 +2,8 @@
 
 The running agent builds this report (Agent.report) and offers it over D-Bus
 or, while no D-Bus API is offered, in a runtime file (RUNTIME_DIRECTORY/report.json,
-rewritten every 5 s and after every action, never fsynced: it is a view, the
-change journal is the record). The CLI
+rewritten every 15 s when calm, every second under pressure and after every action,
+never fsynced: it is a view, the change journal is the record). The CLI
 reads the agent's report when the agent runs, else builds the same view from
 the change journal. `restore_verdict` is the one place that says what
 `conntrack-agent restore` would do with an owned value.
@@ -19,7 +19,8 @@ from typing import Any, Dict, List, Optional, Tuple
 REPORT_NAME = "report.json"
 DEFAULT_RUNTIME_DIR = "/run/conntrack-agent"
 # A report older than this is from an agent that stopped or hangs: not trusted (the
-# agent rewrites it every 5 s, service.REPORT_INTERVAL).
+# agent rewrites it every 15 s when calm, every second under pressure and after each
+# action: service.METRICS_CALM_INTERVAL).
 STALE_AFTER = 30.0
 # `restore` does not lower the max below what the table holds with this margin:
 # new connections would be dropped at once.

@@ -202,9 +202,42 @@ def test_status_check_follows_the_age_of_the_last_tick(tmp_path, monkeypatch, ca
     assert cli.main(["status", "--check"]) == 0
     assert "alive: last tick" in capsys.readouterr().out
     service_agent.last_tick_at -= 200                    # ticks keep failing: the report stays fresh
-    rig.clock.now += service.REPORT_INTERVAL
+    rig.clock.now += service.METRICS_CALM_INTERVAL
     assert service_agent.status_due()
     assert cli.main(["status", "--check"]) == 1
     assert "the last tick finished 200s ago" in capsys.readouterr().out
     monkeypatch.setattr(time, "time", lambda real=time.time: real() + 120)   # ticks stopped 2 min ago
     assert cli.main(["status", "--check", "--max-age", "1000"]) == 1     # the report itself is stale now
+
+
+def test_status_from_the_runtime_report_says_how_old_it_is(tmp_path, monkeypatch, capsys):
+    """Without D-Bus the report file is rewritten every 15 s when calm: `status` says its age."""
+    import time
+    from conntrack_agent import cli, dbus_service, report
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path))
+    monkeypatch.setattr(dbus_service, "query_report", lambda: None)
+    rig = Rig(tmp_path)
+    rig.write_policy()
+    rig.agent = service.Agent(str(rig.policy), False, rig.events, clock=rig.clock, kernel=rig.kernel,
+                              report_path=report.runtime_path())
+    rig.agent.start()
+
+    def run_for(seconds: float) -> None:     # as the supervisor ticks: each tick, then its status
+        end = rig.clock.now + seconds
+        while rig.clock.now < end:
+            rig.agent.tick()
+            rig.agent.status_due()
+            rig.clock.now += 0.25
+
+    run_for(0.25)
+    written = report.read_runtime()["written_at"]
+    run_for(service.METRICS_CALM_INTERVAL - 1)
+    assert report.read_runtime()["written_at"] == written, "rewritten before its calm interval"
+    run_for(1.5)
+    assert report.read_runtime()["written_at"] > written, "not rewritten after its calm interval"
+    written = report.read_runtime()["written_at"]
+    monkeypatch.setattr(time, "time", lambda: written + 12.2)
+    assert cli.main(["status", "-c", str(rig.policy)]) == 0
+    out = capsys.readouterr().out
+    assert "as of: 12s ago" in out and "report.json" in out, out
+
