@@ -71,9 +71,13 @@ class FakeLoop:
     def close(self) -> None:
         self.closed = True
 
+    def serve_ready(self) -> None:
+        """What is ready besides the timers (file descriptors, in a subclass): before the next timer."""
+
     def run(self, until: float = 60.0) -> None:
         script = sorted(self.script, key=lambda s: s[0])
         while not self.quit_called:
+            self.serve_ready()
             candidates = [(t[0], 0, t) for t in self.timers] + [(at, 1, (at, action)) for at, action in script]
             if not candidates:
                 break

@@ -79,29 +79,11 @@ class ReadableLoop(FakeLoop):
     def remove_readable(self, fd: int) -> None:
         self.readers.pop(fd, None)
 
-    def run(self, until: float = 60.0) -> None:
-        script = sorted(self.script, key=lambda s: s[0])
-        while not self.quit_called:
-            for fd, callback in list(self.readers.items()):
-                sock = self.bus.open.get(fd)
-                if sock is not None and sock.queue and fd in self.readers:
-                    callback()
-            candidates = [(t[0], 0, t) for t in self.timers] + [(at, 1, (at, action)) for at, action in script]
-            if not candidates:
-                break
-            at, kind, item = min(candidates, key=lambda c: (c[0], c[1]))
-            if at > until:
-                break
-            self.now = at
-            if kind == 1:
-                script.remove(item)
-                item[1]()
-                continue
-            self.timers.remove(item)
-            _, ident, callback, every = item
-            if every is not None:
-                self.timers.append((self.now + every, ident, callback, every))
-            callback()
+    def serve_ready(self) -> None:
+        for fd, callback in list(self.readers.items()):
+            sock = self.bus.open.get(fd)
+            if sock is not None and sock.queue and fd in self.readers:
+                callback()
 
 
 class TimedEvents:
