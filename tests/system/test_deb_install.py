@@ -57,6 +57,8 @@ CLEAN_IMAGE = ("systemd", "systemd-sysv", "dbus")
 FROM_ARCHIVE = ("python3", "python3-structlog", "python3-gi", "python3-pydbus")
 MONITORING = {"/usr/share/conntrack-agent/prometheus/conntrack-agent.rules.yml":
               nspawn.REPO / "packaging/prometheus/conntrack-agent.rules.yml",
+              "/usr/share/conntrack-agent/prometheus/RUNBOOK.md":
+              nspawn.REPO / "packaging/prometheus/RUNBOOK.md",
               "/usr/share/conntrack-agent/grafana/conntrack-agent.json":
               nspawn.REPO / "packaging/grafana/conntrack-agent.json"}
 RAISE_MAX_ID = "5c4a891b4b874fd1ad5a285521dab566"  # events.EVENTS["raise_max"], never changes

@@ -34,6 +34,8 @@ POLICY = "/etc/conntrack-agent/policy.toml"
 # for the admin to load (packaging/README.md, "Monitoring").
 MONITORING = {"/usr/share/conntrack-agent/prometheus/conntrack-agent.rules.yml":
               REPO / "packaging/prometheus/conntrack-agent.rules.yml",
+              "/usr/share/conntrack-agent/prometheus/RUNBOOK.md":
+              REPO / "packaging/prometheus/RUNBOOK.md",
               "/usr/share/conntrack-agent/grafana/conntrack-agent.json":
               REPO / "packaging/grafana/conntrack-agent.json"}
 

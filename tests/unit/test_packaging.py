@@ -107,14 +107,17 @@ def test_every_shipped_system_file_is_packaged_by_both():
 
 def _monitoring_files() -> List[str]:
     return sorted(str(p.relative_to(ROOT)) for p in [*(ROOT / "packaging" / "prometheus").glob("*.rules.yml"),
+                                                     ROOT / "packaging" / "prometheus" / "RUNBOOK.md",
                                                      *(ROOT / "packaging" / "grafana").glob("*.json")])
 
 
 def test_alert_rules_and_dashboards_are_packaged_by_both():
-    """Every rules file and dashboard lands in /usr/share/conntrack-agent/{prometheus,grafana}/
-    (the test rules file, *.rules.test.yml, is promtool's, not the admin's)."""
+    """Every rules file, their runbook and the dashboard land in
+    /usr/share/conntrack-agent/{prometheus,grafana}/ (the test rules file,
+    *.rules.test.yml, is promtool's, not the admin's)."""
     files = _monitoring_files()
     assert "packaging/prometheus/conntrack-agent.rules.yml" in files
+    assert "packaging/prometheus/RUNBOOK.md" in files
     assert "packaging/grafana/conntrack-agent.json" in files
     deb = _debian_installed()
     spec = SPEC.read_text().replace("\\\n", "")
