@@ -548,7 +548,7 @@ PROFILE_LABELS = [
     ("service._note_pressure", "`Agent._note_pressure()`"),
     ("service.status_due", "`Agent.status_due()` (at most once a second), with what it publishes:"),
     ("service.publish_metrics", "&nbsp;&nbsp;└ `Agent.publish_metrics()`: the metrics textfile (every 15 s calm)"),
-    ("service.publish_report", "&nbsp;&nbsp;└ `Agent.publish_report()`: the runtime report (every 5 s, no D-Bus)"),
+    ("service.publish_report", "&nbsp;&nbsp;└ `Agent.publish_report()`: the runtime report (no D-Bus; every 15 s calm, with the metrics)"),
     ("service.status_line", "`Agent.status_line()` (STATUS=, at most once a second)"),
 ]
 
@@ -558,8 +558,8 @@ def profile_lines(profile: Dict[str, Any]) -> List[str]:
     lines = ["", "## One tick, warm", "",
              "The agent's tick run %d times in-process in the same quiet namespace (caches warm, no sleep), on a "
              "simulated clock advancing by each tick's own interval (%.0f ms here), so the per-CPU counters' "
-             "1 s refresh, the once-a-second status line, the metrics textfile every 15 s and the runtime "
-             "report every 5 s (written to a file as without D-Bus) come as often per tick as on the quiet node: "
+             "1 s refresh, the once-a-second status line, the metrics textfile and the runtime "
+             "report every 15 s (the report written to a file as without D-Bus) come as often per tick as on the quiet node: "
              "**%.0f µs of CPU per tick**. Shares of the tick under cProfile (which inflates small "
              "functions, so read them as proportions):" % (
                  profile["ticks"], profile.get("interval_s", 0) * 1000, profile["warm_us_per_tick"]), "",
@@ -622,7 +622,7 @@ def verdict_cpu(rows, brief: bool = False) -> str:
             "agent's sample makes it %.0f µs (after a sleep the sample costs far more than back to back in "
             "sample.md: cold caches and TLB, on a VM); the rest of the tick and the main loop (decide, "
             "the status line once a second, the metrics textfile every 15 s, re-arming the timer; with D-Bus, "
-            "GLib's loop and the per-tick property cache; without, the runtime report every 5 s) %.0f µs. The "
+            "GLib's loop and the per-tick property cache; without, the runtime report every 15 s) %.0f µs. The "
             "cost follows the wake-ups: %.1f a second here against 4.1 with the former fixed 250 ms tick (e489f25)." % (
                 p["per_wakeup"], p["wakeups"], p["budget"], p["calm_ms"], p["floor"], p["floor_pct"],
                 p["sample"], p["rest"], p["wakeups"]))
