@@ -19,6 +19,7 @@ from conntrack_agent import model
 from conntrack_agent import kernel as kernel_module
 from conntrack_agent.kernel import ConntrackMissing, Kernel, NamespaceMissing, Probe
 
+BUCKETS_PER_PAGE = 512
 GLOBALS = ("nf_conntrack_max", "nf_conntrack_buckets")
 DEFAULT_TIMEOUTS = {
     "nf_conntrack_tcp_timeout_established": 432000,
@@ -156,6 +157,10 @@ class FakeKernel(Kernel):
         if name in GLOBALS:
             if netns_name:
                 raise PermissionError(errno.EACCES, "Permission denied", self.sysctl_path(name))
+            if name == "nf_conntrack_buckets":
+                # As the kernel: nf_ct_alloc_hashtable rounds the size up to whole pages of
+                # bucket heads (4096 / 8 = 512 on x86_64), and that is what reads back.
+                value = -(-value // BUCKETS_PER_PAGE) * BUCKETS_PER_PAGE
             self.globals[name] = value
         elif name in ns.sysctls:
             ns.sysctls[name] = value

@@ -598,7 +598,8 @@ class ChangeJournal:
         self._commit((netns, name), change)
 
     def settle(self, netns: str, name: str, applied: int) -> None:
-        """Recovery: a pending record whose write is found done (after a kill) is confirmed."""
+        """A confirmed value corrected to what the kernel kept (it rounds buckets), and at
+        recovery a pending record whose write is found done (after a kill)."""
         current = self._changes.get((netns, name))
         if current is None:
             return

@@ -310,6 +310,31 @@ def test_max_and_buckets_raised_then_restored_by_the_cli(tmp_path):
         assert again.returncode == 0 and "nothing to restore" in again.stdout
 
 
+def test_buckets_the_kernel_rounds_up_are_owned_as_kept(tmp_path):
+    """The kernel rounds nf_conntrack_buckets up to whole pages of bucket heads: the
+    journal owns what stuck, the event says it, and restore puts back the original."""
+    policy_file = policy_at(tmp_path)
+    with rig.saved_global_sysctls() as saved:
+        executor, log, journal = executor_for(tmp_path)
+        old_buckets = saved["nf_conntrack_buckets"]
+        asked = old_buckets + 1000
+        outcome = executor.execute(Decision("resize_buckets", "grow-table", "t", "", old=old_buckets, new=asked,
+                                            action="resize_buckets"), sample_now(), config.load(policy_file))
+        assert outcome.applied
+        kept = procfs.read_sysctl("nf_conntrack_buckets")
+        assert kept > asked, "this kernel kept the value as asked: nothing to round"
+        again = ChangeJournal(str(tmp_path / "state.json"))
+        again.load()
+        record = again.get("", "nf_conntrack_buckets")
+        assert (record.original, record.applied, record.pending) == (old_buckets, kept, False)
+        resized = next(e for e in log.events if e["event"] == "resize_buckets")
+        assert (resized["old"], resized["new"]) == (old_buckets, kept)
+        out = subprocess.run([sys.executable, "-m", "conntrack_agent", "restore", "--config", str(policy_file)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert procfs.read_sysctl("nf_conntrack_buckets") == old_buckets
+
+
 def test_dry_run_changes_nothing(tmp_path):
     executor, log, journal = executor_for(tmp_path)
     before = procfs.read_sysctl("nf_conntrack_max")

@@ -426,6 +426,27 @@ def test_chaintoolong_grows_the_buckets_and_never_the_max(tmp_path):
     assert kernel.globals["nf_conntrack_buckets"] == 2048          # quiet counter: nothing more
 
 
+def test_buckets_the_kernel_rounds_up_are_owned_as_kept(tmp_path):
+    """The kernel rounds nf_conntrack_buckets up to whole pages of bucket heads: the
+    agent owns the value that stuck and logs it (owning it twice once failed every
+    such tick with 'already confirmed', so the buckets never followed a raised max)."""
+    kernel = FakeKernel(maximum=1000, buckets=1024)
+    rig = Rig(tmp_path, kernel)
+    rig.write_policy(text=f'[agent]\nstate_file = "{rig.state}"\n')      # the shipped rules
+    rig.start()
+    rig.set_count(900)                       # 90%: grow-table raises the max, the buckets follow
+    rig.run_for(1.2)
+    raised = kernel.globals["nf_conntrack_max"]
+    assert raised > 1024 and raised % 512, "the test needs a max that is not a whole page of buckets"
+    buckets = kernel.globals["nf_conntrack_buckets"]
+    assert buckets == -(-raised // 512) * 512 and buckets != raised
+    record = rig.journal().get("", "nf_conntrack_buckets")
+    assert (record.original, record.applied, record.pending) == (1024, buckets, False)
+    resized = rig.events.of("resize_buckets")
+    assert len(resized) == 1 and (resized[0]["old"], resized[0]["new"]) == (1024, buckets)
+    assert not rig.events.of("tick_failed") and not rig.events.of("internal_error")
+
+
 def test_insert_races_without_pressure_are_explained_once_and_never_raise_the_max(tmp_path):
     kernel = FakeKernel(maximum=10000)
     rig = Rig(tmp_path, kernel)

@@ -36,8 +36,10 @@ def write(shell: Shell, decision: Decision, netns: str, name: str, target: int, 
     except OSError:
         return current, target
     if after != target:
-        # The kernel clamps some values (buckets, max): own what stuck.
-        journal.confirm(token, after)
+        # The kernel rounds some values (buckets: up to whole pages of bucket heads,
+        # 512 a page on x86_64): own what stuck. The token is spent by the confirm
+        # above, so the record itself is updated.
+        journal.settle(netns, name, after)
     return current, after
 
 
