@@ -47,6 +47,12 @@ LABEL_SCAN = 10.0
 # again at most this often while it lasts. In a thread of its own: a pass walks the
 # whole global table (~94 ms with 250k entries) and must not delay the tick's actions.
 ATTRIBUTION_INTERVAL = 60.0
+# ... but not before the agent has acted in the episode, or this long into it: a pass
+# started with the episode (~55-80 ms of a CPU, its decoding under the GIL) ran
+# alongside the ticks that raise the max, and made that first raise late: 67-68 ms
+# from the trigger at the storm bench's flat-out rate, against 13-50 ms without the pass
+# (bench/storm.py, side by side with a build that had none).
+ATTRIBUTION_DELAY = 1.0
 # The daily peaks (peaks.py, for `recommend`) reach the disk at most this often.
 PEAKS_SAVE_INTERVAL = 600.0
 # A namespace holding changes the agent recorded that cannot be entered for this long
@@ -91,6 +97,7 @@ class Agent:
         self._attribution: Any = None                  # a pass under way (a thread) or its result
         self.last_attribution: Any = None              # (netns, attribution.Attribution, wall time)
         self._attributed_at: Optional[float] = None
+        self._attribution_wanted: Optional[float] = None   # when the episode that wants a pass began
         self._report_path = report_path
         self.read_only = read_only
         self.counters = metrics.Counters()
@@ -428,6 +435,11 @@ class Agent:
                 self._status_sent_at = None   # show the action at once
             for listener in self.decision_listeners:
                 listener(decision)
+        if self._attribution_wanted is not None:
+            acted = any(d.is_action for d in found)
+            if acted or sample.time - self._attribution_wanted >= ATTRIBUTION_DELAY:
+                self._attribution_wanted = None
+                self._start_attribution(sample.soonest.netns, sample.soonest.count)
         self.last_sample = sample
         self.last_tick_at = time.time()
         return interval
@@ -554,13 +566,14 @@ class Agent:
         netns = sample.soonest.netns
         fields.update(self.labels.get(netns, {}))
         if busy:
-            self._start_attribution(netns, sample.soonest.count)
+            self._attribution_wanted = sample.time   # started by the tick once it has acted (tick)
             ttf = sample.time_to_full
             detail = f"filling at {sample.fill_rate:+.0f}/s" + (f", full in {ttf:.1f}s" if ttf is not None else "")
             if sample.deltas.get("drop"):
                 detail += f", {sample.deltas['drop']} packets dropped"
             logsetup.emit(self.log, "pressure", netns=netns, netns_label=netns_label(netns), detail=detail, **fields)
         else:
+            self._attribution_wanted = None
             logsetup.emit(self.log, "pressure_eased", netns=netns, netns_label=netns_label(netns), **fields)
 
     # ------------------------------------------------------------------ control

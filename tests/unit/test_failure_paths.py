@@ -486,6 +486,44 @@ def test_rising_drop_counters_survive_the_re_read_before_acting(tmp_path):
 # ---------------------------------------------------------------------- the whole node
 
 
+def test_the_attribution_pass_waits_for_the_episodes_first_action(tmp_path):
+    """A pass started with the pressure episode ran beside the ticks that raise the max
+    and made the first raise late: it starts once the agent has acted, or after
+    ATTRIBUTION_DELAY if nothing needed doing."""
+    import time as _time
+    kernel = FakeKernel(maximum=1000)
+    rig = Rig(tmp_path, kernel, namespaces=("web",))
+    rig.write_policy(text=f'[agent]\nstate_file = "{rig.state}"\nnamespaces = ["web"]\n')
+    rig.start()
+    rig.set_count(600, "web")                 # 60%: pressure (the fast tick), no raise yet
+    rig.run_for(0.5, step=0.05)
+    assert "pressure" in rig.events.kinds() and not rig.events.of("raise_max")
+    _time.sleep(0.05)
+    assert kernel.attributions == [], "a pass started before the episode's first action"
+    rig.set_count(800, "web")                 # 80%: grow-table raises the max in this tick
+    rig.run_for(0.05, step=0.05)
+    assert rig.events.of("raise_max")
+    deadline = _time.monotonic() + 5
+    while not kernel.attributions and _time.monotonic() < deadline:
+        _time.sleep(0.01)                     # the pass runs in a thread of its own
+    assert kernel.attributions == ["web"]
+
+    quiet = Rig(tmp_path / "quiet", FakeKernel(maximum=1000), namespaces=("web",))
+    quiet.tmp.mkdir()
+    quiet.write_policy(text=f'[agent]\nstate_file = "{quiet.state}"\nnamespaces = ["web"]\n'
+                            '[[rule]]\nname = "grow-table"\nenabled = false\n')
+    quiet.start()
+    quiet.set_count(600, "web")               # pressure, and no rule that acts on it
+    quiet.run_for(service.ATTRIBUTION_DELAY - 0.2, step=0.05)
+    _time.sleep(0.05)
+    assert quiet.kernel.attributions == []
+    quiet.run_for(0.4, step=0.05)
+    deadline = _time.monotonic() + 5
+    while not quiet.kernel.attributions and _time.monotonic() < deadline:
+        _time.sleep(0.01)
+    assert quiet.kernel.attributions == ["web"]
+
+
 def test_a_pressure_episode_says_who_fills_the_table_once(tmp_path):
     import time as _time
     kernel = FakeKernel(maximum=1000)
