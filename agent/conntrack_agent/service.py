@@ -49,9 +49,9 @@ LABEL_SCAN = 10.0
 ATTRIBUTION_INTERVAL = 60.0
 # ... but not before the agent has acted in the episode, or this long into it: a pass
 # started with the episode (~55-80 ms of a CPU, its decoding under the GIL) ran
-# alongside the ticks that raise the max, and made that first raise late: 67-68 ms
-# from the trigger at the storm bench's flat-out rate, against 13-50 ms without the pass
-# (bench/storm.py, side by side with a build that had none).
+# alongside the ticks that raise the max and made that first raise late: at the storm
+# bench's flat-out rate 67 and 68 ms after the trigger held, 51 and 56 ms with the pass
+# after the first action (bench/storm.py, two runs each, BENCHMARKS.md).
 ATTRIBUTION_DELAY = 1.0
 # The daily peaks (peaks.py, for `recommend`) reach the disk at most this often.
 PEAKS_SAVE_INTERVAL = 600.0
