@@ -46,12 +46,7 @@ class Events:
         return [f for k, f in self.items if k == kind]
 
 
-SHORTEN = """
-[agent]
-namespaces = {namespaces}
-state_file = "{state}"
-fast_interval = "50ms"
-
+SHORTEN_RULES = """
 [[rule]]
 name = "{name}"
 action = "set_timeouts"
@@ -68,6 +63,12 @@ restore_below = 0.3
 name = "shorten-timeouts"   # the built-in one sets udp_timeout too: it would adopt the changes
 enabled = false
 """
+SHORTEN = """
+[agent]
+namespaces = {namespaces}
+state_file = "{state}"
+fast_interval = "50ms"
+""" + SHORTEN_RULES
 
 
 class Rig:
@@ -559,23 +560,7 @@ watch_policy = {watch}
 
 [metrics]
 textfile = "{textfile}"
-
-[[rule]]
-name = "shorten"
-action = "set_timeouts"
-enabled = {enabled}
-cooldown = "1s"
-[rule.trigger]
-usage_at_least = 0.5
-[rule.set_timeouts]
-values = {{ udp_timeout = "10s" }}
-restore_after = "3s"
-restore_below = 0.3
-
-[[rule]]
-name = "shorten-timeouts"
-enabled = false
-"""
+""" + SHORTEN_RULES.replace("{name}", "shorten")
 
 
 class ReloadNotifier:
