@@ -40,10 +40,20 @@ from . import actions
 from .actions.base import (GLOBAL, Context, Decision, Environment, Memory, Outcome, Owned, RuleMemory,  # noqa: F401
                            calm)
 from .actions.table_max import ceiling  # noqa: F401 - part of the core's API (tests, plan)
-from .config import Policy, Rule, format_duration
+from .config import AgentSettings, Policy, Rule, Trigger, format_duration
 from .model import NamespaceView, Sample
 
 # ----------------------------------------------------------------------------- triggers
+
+
+def _usage_holds(trigger: Trigger, fullest: NamespaceView) -> bool:
+    return trigger.usage_at_least is not None and fullest.usage >= trigger.usage_at_least
+
+
+def _filling_holds(trigger: Trigger, soonest: NamespaceView) -> bool:
+    ttf = soonest.time_to_full
+    return (trigger.time_to_full_below is not None and ttf is not None and ttf < trigger.time_to_full_below
+            and soonest.usage >= trigger.time_to_full_min_usage)
 
 
 def _evaluate_trigger(rule: Rule, sample: Sample, rule_memory: RuleMemory) -> Tuple[List[str], str, RuleMemory]:
@@ -55,7 +65,7 @@ def _evaluate_trigger(rule: Rule, sample: Sample, rule_memory: RuleMemory) -> Tu
     held_since, held_samples = rule_memory.held_since, rule_memory.held_samples
     if trigger.usage_at_least is not None:
         fullest = sample.fullest
-        if fullest.usage >= trigger.usage_at_least:
+        if _usage_holds(trigger, fullest):
             held_since = sample.time if held_since is None else held_since
             held_samples += 1
             held_for = sample.time - held_since
@@ -72,7 +82,7 @@ def _evaluate_trigger(rule: Rule, sample: Sample, rule_memory: RuleMemory) -> Tu
     if trigger.time_to_full_below is not None:
         soonest = sample.soonest
         ttf = soonest.time_to_full
-        if ttf is not None and ttf < trigger.time_to_full_below and soonest.usage >= trigger.time_to_full_min_usage:
+        if _filling_holds(trigger, soonest):
             if not any(results):
                 netns = soonest.netns
             results.append(f"predicted full in {ttf:.1f}s < {format_duration(trigger.time_to_full_below)} "
@@ -140,16 +150,12 @@ def quiet(sample: Sample, policy: Policy, memory: Memory, owned: Tuple[Owned, ..
             return False
     fullest = sample.fullest
     soonest = sample.soonest
-    ttf = soonest.time_to_full
     counters = RACE_COUNTERS
     for rule in policy.active_rules():
         if not actions.get(rule.action).quiet_unowned:
             return False
         trigger = rule.trigger
-        if trigger.usage_at_least is not None and fullest.usage >= trigger.usage_at_least:
-            return False
-        if (trigger.time_to_full_below is not None and ttf is not None and ttf < trigger.time_to_full_below
-                and soonest.usage >= trigger.time_to_full_min_usage):
+        if _usage_holds(trigger, fullest) or _filling_holds(trigger, soonest):
             return False
         if trigger.counters_increasing:
             counters = counters + trigger.counters_increasing
@@ -354,11 +360,18 @@ STORM_ROOM_SHARE = 0.25
 
 def under_pressure(sample: Sample, policy: Policy) -> bool:
     """Busy, filling fast or dropping: what the fast tick (and the pressure event) is for."""
-    agent = policy.agent
-    ttf = sample.time_to_full
-    return (sample.usage >= agent.fast_usage
-            or (ttf is not None and ttf < agent.fast_time_to_full)
-            or any(sample.deltas.get(c, 0) for c in ("drop", "early_drop")))
+    return _busy(sample.usage, sample.time_to_full, sample.deltas, policy.agent)
+
+
+def _busy(usage: float, ttf: Optional[float], deltas: Dict[str, int], agent: AgentSettings) -> bool:
+    return (usage >= agent.fast_usage or (ttf is not None and ttf < agent.fast_time_to_full)
+            or any(deltas.get(c, 0) for c in ("drop", "early_drop")))
+
+
+def _calm(count: int, maximum: int, agent: AgentSettings) -> float:
+    """A calm tick sized to the free room (see next_interval)."""
+    calm = max(0, maximum - count) * STORM_ROOM_SHARE / agent.storm_rate
+    return min(agent.interval, max(agent.fast_interval, calm))
 
 
 def next_interval(sample: Optional[Sample], policy: Policy, memory: Memory) -> float:
@@ -376,10 +389,7 @@ def next_interval(sample: Optional[Sample], policy: Policy, memory: Memory) -> f
 
 def calm_interval(sample: Sample, policy: Policy) -> float:
     """next_interval() for a sample known not to be under pressure."""
-    agent = policy.agent
-    room = max(0, sample.max - sample.count)
-    calm = room * STORM_ROOM_SHARE / agent.storm_rate
-    return min(agent.interval, max(agent.fast_interval, calm))
+    return _calm(sample.count, sample.max, policy.agent)
 
 
 def namespace_interval(view: NamespaceView, maximum: int, policy: Policy) -> float:
@@ -388,9 +398,6 @@ def namespace_interval(view: NamespaceView, maximum: int, policy: Policy) -> flo
     counters fall due), so with hundreds watched and one storming the fast tick re-reads
     the busy one every time and each calm one as often as its own free room asks."""
     agent = policy.agent
-    ttf = view.time_to_full
-    if (view.usage >= agent.fast_usage or (ttf is not None and ttf < agent.fast_time_to_full)
-            or view.deltas.get("drop", 0) or view.deltas.get("early_drop", 0)):
+    if _busy(view.usage, view.time_to_full, view.deltas, agent):
         return agent.fast_interval
-    calm = max(0, maximum - view.count) * STORM_ROOM_SHARE / agent.storm_rate
-    return min(agent.interval, max(agent.fast_interval, calm))
+    return _calm(view.count, maximum, agent)
