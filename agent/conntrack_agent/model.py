@@ -34,6 +34,7 @@ class NamespaceView(NamedTuple):
     fill_rate: float                  # entries per second, EWMA of the slope
     time_to_full: Optional[float]     # seconds; None while not filling
     deltas: Dict[str, int]            # counter increases since the previous tick
+    slope: float = 0.0                # entries per second over the latest interval alone
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ class FillTracker:
                           for name, value in counters.items()}
         self._previous[reading.netns] = _Previous(reading.time, reading.count, rate, slope, counters)
         return NamespaceView(reading.netns, reading.count, usage_of(reading.count, reading.max), rate,
-                             time_to_full(reading.count, reading.max, min(rate, slope)), deltas)
+                             time_to_full(reading.count, reading.max, min(rate, slope)), deltas, slope)
 
 
 def combine(readings: Tuple[Reading, ...], views: Tuple[NamespaceView, ...]) -> Sample:

@@ -416,11 +416,6 @@ class Agent:
                 found, memory = decisions.decide(sample, self.policy, self.memory, self.env, owned)
         self.memory = memory
         self._note_pressure(sample, busy=decisions.under_pressure(sample, self.policy))
-        # Under pressure (including its hold time) the fast tick runs: a bursty storm
-        # has quiet gaps between bursts that must not send the agent back to sleep.
-        # Otherwise the sample was just found not busy: next_interval() without asking again.
-        interval = (self.policy.agent.fast_interval if self._under_pressure
-                    else decisions.calm_interval(sample, self.policy))
         for decision in found:
             outcome = self.executor.execute(decision, sample, self.policy)
             self.memory = decisions.after_outcome(self.memory, decision, outcome, sample.time)
@@ -435,6 +430,12 @@ class Agent:
                 self._status_sent_at = None   # show the action at once
             for listener in self.decision_listeners:
                 listener(decision)
+        # Under pressure (including its hold time) the fast tick runs: a bursty storm
+        # has quiet gaps between bursts that must not send the agent back to sleep.
+        # Otherwise the sample was just found not busy: next_interval() without asking
+        # again. After the actions: the thresholds it predicts are of the max now set.
+        interval = (decisions.fast_interval(sample, self.policy) if self._under_pressure
+                    else decisions.calm_interval(sample, self.policy))
         if self._attribution_wanted is not None:
             acted = any(d.is_action for d in found)
             if acted or sample.time - self._attribution_wanted >= ATTRIBUTION_DELAY:

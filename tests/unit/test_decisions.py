@@ -193,6 +193,64 @@ def test_calm_tick_follows_the_free_room(maximum, count, expected):
     assert core.next_interval(sample, DEFAULT, Memory()) == pytest.approx(expected)
 
 
+def test_the_tick_after_a_busy_one_comes_when_the_next_threshold_is_crossed():
+    # grow-table fires from 25% usage when the time to full is short: 8192 of 32768.
+    fast = DEFAULT.agent.fast_interval
+    table = Table(32_768)
+    table.sample(0.0, 0)
+    table.sample(0.05, 2560)                       # 51,200 entries/s
+    far = table.sample(0.10, 5120)                 # the threshold 60 ms away: the fast tick
+    assert core.under_pressure(far, DEFAULT)
+    assert core.next_interval(far, DEFAULT, Memory()) == fast
+    near = table.sample(0.15, 7680)                # 10 ms away: then, plus the margin
+    assert core.next_interval(near, DEFAULT, Memory()) == pytest.approx(0.01 + core.PREDICTED_TICK_MARGIN)
+    at = table.sample(0.16, 8150)                  # under a millisecond away: never sooner than the floor
+    assert core.next_interval(at, DEFAULT, Memory()) == core.PREDICTED_TICK_FLOOR
+    # The same count with the storm stopped (the latest slope is zero, though the average
+    # still says filling): nothing will be crossed, the fast tick (the pressure's hold).
+    stopped = table.sample(0.21, 8150)
+    assert stopped.fill_rate > 0 and core.fast_interval(stopped, DEFAULT) == fast
+    # The next threshold is the next rule's: shorten-timeouts' 90%, 5 ms away.
+    toward_90 = table.sample(0.26, 27_500)
+    assert core.next_interval(toward_90, DEFAULT, Memory()) == core.PREDICTED_TICK_FLOOR
+    # Past every rule's threshold (usage 97%): nothing left to predict.
+    past = table.sample(0.31, 31_800)
+    assert core.next_interval(past, DEFAULT, Memory()) == fast
+
+
+def test_a_namespace_near_a_threshold_is_read_again_when_it_is_crossed():
+    # The sampler's pace for one of many namespaces predicts as the tick does.
+    table = Table(32_768, netns="ns1")
+    for t, count in ((0.0, 0), (0.05, 2560), (0.10, 5120)):
+        view = table.sample(t, count).namespaces[0]
+    assert core.namespace_interval(view, 32_768, DEFAULT) == DEFAULT.agent.fast_interval
+    view = table.sample(0.15, 7680).namespaces[0]
+    assert core.namespace_interval(view, 32_768, DEFAULT) == pytest.approx(0.01 + core.PREDICTED_TICK_MARGIN)
+
+
+def test_a_storm_is_acted_on_close_after_its_threshold_whatever_the_tick_phase(monkeypatch):
+    """The lag from the crossing to the raise, with the storm starting at every phase
+    of the ticks: within the floor with the prediction, up to a fast tick without."""
+    rate, maximum = 51_200.0, 32_768
+
+    def lag(phase: float) -> float:
+        crossing = 0.25 * maximum / rate + phase   # grow-table's 25% with a short time to full
+        table, ledger, memory, t = Table(maximum), Ledger(), Memory(), 0.0
+        while True:
+            sample = table.sample(t, int(max(0.0, t - phase) * rate))
+            found, memory = decide(sample, DEFAULT, memory, ENV, ledger.records())
+            if any(d.kind == "raise_max" for d in found):
+                return t - crossing
+            t += core.next_interval(sample, DEFAULT, memory)
+
+    phases = [i * 0.0025 for i in range(40)]       # over two fast ticks
+    predicted = [lag(p) for p in phases]
+    assert min(predicted) >= 0 and max(predicted) <= core.PREDICTED_TICK_FLOOR + core.PREDICTED_TICK_MARGIN
+    monkeypatch.setattr(core, "_until_threshold", lambda view, maximum, rules: None)
+    waited = [lag(p) for p in phases]
+    assert min(waited) >= 0 and max(waited) > 0.8 * DEFAULT.agent.fast_interval
+
+
 def test_a_storm_from_empty_is_seen_before_a_quarter_of_the_room_is_gone():
     """At the storm rate, the calm tick's first look comes before 25% of the room is used."""
     for maximum in (32_768, 262_144, 1_048_576):

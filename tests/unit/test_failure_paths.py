@@ -390,6 +390,22 @@ def test_the_table_is_read_again_just_before_acting(tmp_path):
     assert kernel.globals["nf_conntrack_max"] > 1000
 
 
+def test_the_tick_after_a_raise_is_paced_by_the_new_max(tmp_path):
+    """The next tick is predicted from the thresholds of the max the tick just set: from
+    the old one, shorten-timeouts' 90% (27 ms away at this rate) would call a tick for
+    nothing."""
+    rig = Rig(tmp_path, FakeKernel(maximum=10_000))
+    rig.write_policy(text=f'[agent]\nstate_file = "{rig.state}"\n')   # the built-in rules
+    rig.start()
+    rig.set_count(5000)
+    rig.agent.tick()
+    rig.clock.now += 0.05
+    rig.set_count(7600)                     # 52,000 entries/s: grow-table fires at 76%
+    interval = rig.agent.tick()
+    assert rig.kernel.globals["nf_conntrack_max"] >= 20_000
+    assert interval == rig.agent.policy.agent.fast_interval
+
+
 def test_conntrack_not_loaded_is_logged_once_and_probed_every_5s(tmp_path):
     kernel = FakeKernel(maximum=1000)
     kernel.loaded = False
