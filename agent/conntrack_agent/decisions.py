@@ -446,6 +446,11 @@ def calm_interval(sample: Sample, policy: Policy) -> float:
     return _calm(sample.count, sample.max, policy.agent)
 
 
+def namespace_busy(view: NamespaceView, policy: Policy) -> bool:
+    """under_pressure() for one namespace's view: the sampler reads these first."""
+    return _busy(view.usage, view.time_to_full, view.deltas, policy.agent)
+
+
 def namespace_interval(view: NamespaceView, maximum: int, policy: Policy) -> float:
     """How soon one namespace needs reading again: the tick next_interval would pick were
     it the only one watched. The sampler reads a namespace no more often (unless its

@@ -238,3 +238,176 @@ def test_a_tick_with_nothing_due_still_reads_the_fullest():
     after = reads(sampler)
     assert {n for n in after if after[n] > before[n]} == {"ns042"}
     assert sample.time == clock.now and sample.max == 524288
+
+
+# ----------------------------------------------------------------------------- under pressure first
+
+def urgent_rig(maximum: int = 32768):
+    from conntrack_agent import decisions
+
+    kernel, sampler, clock, policy = paced_rig(maximum=maximum)
+    sampler.urgent = lambda view: decisions.namespace_busy(view, policy)
+    kernel.namespaces["ns007"].count = 20000             # 61%: under pressure
+    clock.now += 0.1                                      # every one due: all read
+    sampler.sample(defer=True)
+    sampler.catch_up()
+    assert sampler.urgent(sampler._views["ns007"])
+    clock.now += policy.agent.fast_interval
+    return kernel, sampler, clock, policy
+
+
+def test_under_pressure_the_calm_namespaces_due_are_read_after_the_decision():
+    kernel, sampler, clock, policy = urgent_rig()
+    clock.now += 0.1                                      # every calm one due (own interval 82 ms)
+    kernel.namespaces["ns007"].count += 2000
+    before = reads(sampler)
+    sample = sampler.sample(defer=True)
+    after = reads(sampler)
+    assert {n for n in after if after[n] > before[n]} == {"ns007"}
+    assert next(v for v in sample.namespaces if v.netns == "ns007").count == 22000
+    sampler.catch_up()
+    caught = reads(sampler)
+    assert {n for n in caught if caught[n] > after[n]} == set(caught) - {"ns007"}
+    # Without a namespace under pressure nothing waits: the due ones are read at once.
+    kernel.namespaces["ns007"].count = 0
+    clock.now += 0.1
+    sampler.sample(defer=True)
+    sampler.catch_up()                                    # ns007 read, now calm
+    clock.now += 0.1
+    before = reads(sampler)
+    sampler.sample(defer=True)
+    assert all(n > before[name] for name, n in reads(sampler).items())
+
+
+def test_a_calm_namespaces_news_read_after_the_decision_is_in_the_next_sample_once():
+    kernel, sampler, clock, policy = urgent_rig()
+    clock.now += 0.1
+    kernel.namespaces["ns123"].counters["drop"] += 3
+    kernel.namespaces["ns123"].count = 900
+    sampler._counters_due["ns123"] = 0.0                  # its counters due this tick
+    first = sampler.sample(defer=True)
+    assert next(v for v in first.namespaces if v.netns == "ns123").deltas == {}
+    sampler.catch_up()
+    clock.now += policy.agent.fast_interval
+    shown = sampler.sample(defer=True)
+    view = next(v for v in shown.namespaces if v.netns == "ns123")
+    assert view.count == 900 and view.deltas.get("drop") == 3 and shown.deltas.get("drop") == 3
+    sampler.catch_up()
+    clock.now += policy.agent.fast_interval
+    again = sampler.sample(defer=True)
+    assert not next(v for v in again.namespaces if v.netns == "ns123").deltas.get("drop")
+    # Read after the decision, then again before any sample showed that read (its drops
+    # make it busy: read first): both reads' deltas are in the sample.
+    clock.now += 0.1
+    kernel.namespaces["ns123"].counters["drop"] += 2
+    sampler._counters_due["ns123"] = 0.0
+    sampler.sample(defer=True)
+    assert "ns123" in sampler._deferred
+    sampler.catch_up()
+    kernel.namespaces["ns123"].counters["drop"] += 4
+    sampler._counters_due["ns123"] = 0.0
+    clock.now += 0.1
+    both = sampler.sample(defer=True)
+    assert next(v for v in both.namespaces if v.netns == "ns123").deltas.get("drop") == 6
+    assert both.deltas.get("drop") == 6
+
+
+def test_under_a_long_storm_every_calm_namespace_is_still_read_at_its_own_pace():
+    kernel, sampler, clock, policy = urgent_rig()
+    last = {name: clock.now for name in sampler.probes}
+    longest = {name: 0.0 for name in sampler.probes}
+    for _ in range(40):                                   # 2 s of fast ticks
+        kernel.namespaces["ns007"].count += 500
+        before = reads(sampler)
+        sampler.sample(defer=True)
+        sampler.catch_up()
+        for name, n in reads(sampler).items():
+            if n > before[name]:
+                longest[name] = max(longest[name], clock.now - last[name])
+                last[name] = clock.now
+        clock.now += policy.agent.fast_interval
+    # The calm interval at max 32768 is 82 ms: read at the first tick after it, never starved.
+    assert max(longest.values()) <= 0.082 + policy.agent.fast_interval + 1e-9, longest
+
+
+def test_the_tick_acts_before_it_reads_the_calm_namespaces(tmp_path, monkeypatch):
+    from fakekernel import FakeProbe
+
+    names = tuple("ns%03d" % i for i in range(40))
+    r = Rig(tmp_path, kernel=FakeKernel(maximum=1000, cached_counters=True), namespaces=names)
+    r.write_policy(text='[agent]\nnamespaces = %s\nstate_file = "%s"\n\n[[rule]]\nname = "shorten-timeouts"\n'
+                        'enabled = false\n' % (json.dumps(list(names)), r.state))
+    r.kernel.namespaces["ns017"].count = 600              # 60%: under pressure, no raise yet
+    agent = r.start()
+    r.run_for(0.5, step=0.05)
+    assert not r.events.of("raise_max")
+    log: List[tuple] = []
+    real_read = FakeProbe.read
+
+    def read(self, now, counters=False):
+        log.append((self.name, len(r.kernel.writes)))
+        return real_read(self, now, counters)
+
+    monkeypatch.setattr(FakeProbe, "read", read)
+    r.clock.now += 0.1                                    # the calm ones due
+    r.kernel.namespaces["ns017"].count = 800
+    written = len(r.kernel.writes)
+    agent.tick()
+    assert [e["netns"] for e in r.events.of("raise_max")] == ["ns017"]
+    assert r.kernel.writes[written][1] == "nf_conntrack_max"
+    calm = [writes for name, writes in log if name != "ns017"]
+    assert len(calm) == len(names) - 1 and min(calm) > written, log   # every calm read after the max write
+
+
+def raise_at_75_rig(tmp_path):
+    """40 namespaces; ns017 at 60% (under pressure); a raise at 75% only (the shipped
+    grow-table also fires from 25% once the time to full is short, which any fill this
+    fast makes it). The calm ones due at the next tick."""
+    names = tuple("ns%03d" % i for i in range(40))
+    r = Rig(tmp_path, kernel=FakeKernel(maximum=1000, cached_counters=True), namespaces=names)
+    r.write_policy(text='[agent]\nnamespaces = %s\nstate_file = "%s"\n\n[[rule]]\nname = "shorten-timeouts"\n'
+                        'enabled = false\n\n[[rule]]\nname = "grow-table"\nenabled = false\n\n'
+                        '[[rule]]\nname = "grow-at-75"\naction = "raise_max"\ncooldown = "500ms"\n'
+                        '[rule.trigger]\nusage_at_least = 0.75\n' % (json.dumps(list(names)), r.state))
+    r.kernel.namespaces["ns017"].count = 600
+    agent = r.start()
+    r.run_for(0.5, step=0.05)
+    r.clock.now += 0.1
+    return r, agent
+
+
+def test_a_crossing_predicted_sooner_than_the_fast_tick_comes_before_the_calm_reads(tmp_path):
+    r, agent = raise_at_75_rig(tmp_path)
+    fast = agent.policy.agent.fast_interval
+    r.kernel.namespaces["ns017"].count = 720              # 800/s since its last read: 75% in 38 ms
+    before = reads(agent.sampler)
+    interval = agent.tick()
+    assert interval < fast
+    after = reads(agent.sampler)
+    assert {n for n in after if after[n] > before[n]} == {"ns017"}   # the calm reads wait
+    r.clock.now += interval
+    r.kernel.namespaces["ns017"].count = 760
+    written = len(r.kernel.writes)
+    assert agent.tick() == fast
+    assert r.kernel.writes[written][1] == "nf_conntrack_max"
+    assert all(n > after[name] for name, n in reads(agent.sampler).items())   # then read, after acting
+
+
+def test_the_calm_reads_wait_no_longer_than_a_fast_tick_for_predicted_ones(tmp_path):
+    r, agent = raise_at_75_rig(tmp_path)
+    fast = agent.policy.agent.fast_interval
+    before = reads(agent.sampler)
+    started = r.clock.now
+    count = 720
+    while True:
+        r.kernel.namespaces["ns017"].count = count        # creeping up, never quite at 75%
+        interval = agent.tick()
+        if all(n > before[name] for name, n in reads(agent.sampler).items()):
+            break
+        assert interval < fast
+        r.clock.now += interval
+        count += (750 - count) // 2                      # half the way to 75% each tick
+    # Put off while crossings were predicted, for a fast tick at most: read at the first
+    # tick after it (that tick itself predicted, so sooner than a fast tick later).
+    assert fast - 1e-9 <= r.clock.now - started < 2 * fast
+    assert not r.events.of("raise_max")
