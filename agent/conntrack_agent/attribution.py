@@ -17,13 +17,15 @@ Bounded, because the table can hold millions of entries:
   the scale factor (entries seen / entries decoded);
 - a time budget for the decoding (``time_budget``): past it the rest of the
   dump is only counted, never decoded, and the sample is what was decoded;
-- the dump is always read to its end (a half-read dump makes the socket's next
+- the dump is read to its end (a half-read dump makes the socket's next
   request fail), unparsed, which costs the kernel's walk and the copy only. The
   kernel walks the whole global table for every dump, whatever the namespace
   (~94 ms at 250k entries elsewhere), so draining can take long: when it would
   not end within ``drain_budget`` more seconds (predicted from the rate so far,
   or simply over), the socket is closed instead, and the result says so
-  (``closed``); the caller opens a new one for the next pass.
+  (``closed``); the caller opens a new one for the next pass. A caller that
+  closes the socket after the pass anyway (the agent's, kernel.py) passes a
+  ``drain_budget`` of 0: the socket is closed as soon as decoding stops.
 
 The aggregation (``Tally``, ``aggregate``) is pure and separate from the dump
 loop; ``render_top`` draws one frame of the node view (pure, for
@@ -317,6 +319,11 @@ def attribute(ct: CtnetlinkSocket, entry_budget: int = ENTRY_BUDGET, time_budget
                     notes.append("decoding stopped after %.0f ms (time budget)" % (time_budget * 1e3))
             if decoding:
                 continue
+            if drain_budget <= 0:
+                notes.append("socket closed with ~%d entries unread (not drained)" % max(0, expected - seen))
+                ct.close()
+                closed = True
+                break
             if drain_started is None:
                 drain_started, drain_seen = now, seen
                 drain_deadline = now + drain_budget

@@ -9,6 +9,7 @@ loop is fed what a kernel sends, and the decoder is checked on the way.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 import struct
@@ -335,3 +336,35 @@ def test_frame_of_an_incomplete_pass_says_so():
         complete=False, closed=True, note="socket closed with ~99 entries unread")
     text = "\n".join(A.render_attribution(a, "x"))
     assert "dump cut short" in text and "socket closed" in text
+
+
+def test_with_no_drain_budget_the_socket_is_closed_as_soon_as_decoding_stops():
+    entries = population(5000)
+    clock = Clock()
+    fake = ScriptedSocket(entries, per_chunk=100, clock=clock, recv_cost=0.01)
+    ct = CtnetlinkSocket.from_socket(fake)
+    a = A.attribute(ct, time_budget=0.015, drain_budget=0.0, expected=5000, clock=clock)
+    assert a.closed and not a.complete and fake.closed
+    assert fake.recvs == 2                               # the two chunks decoding had time for
+    assert a.total == 5000 and a.sampled == 200 and a.scale == 25.0
+    assert "4800 entries unread" in a.note
+
+
+def test_the_agents_pass_does_not_drain_the_socket_it_closes(monkeypatch):
+    from conntrack_agent import kernel
+
+    asked = {}
+
+    class Socket:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    sock = Socket()
+    monkeypatch.setattr(kernel.ctnetlink, "CtnetlinkSocket", lambda: sock)
+    monkeypatch.setattr(A, "attribute", lambda ct, **kw: asked.update(kw) or "result")
+    linux = kernel.LinuxKernel()
+    monkeypatch.setattr(linux, "entered", lambda name: contextlib.nullcontext())
+    assert linux.attribute("", 1234) == "result"
+    assert asked == {"expected": 1234, "drain_budget": 0.0} and sock.closed
