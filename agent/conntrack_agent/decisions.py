@@ -405,7 +405,7 @@ def _until_threshold(view: NamespaceView, maximum: int, rules: Sequence[Rule]) -
 
 
 def _fast(views: Sequence[NamespaceView], maximum: int, policy: Policy) -> float:
-    """The fast tick, or sooner when the fill rate says a threshold is crossed sooner."""
+    """The fast tick, or sooner when the latest slope says a threshold is crossed sooner."""
     agent = policy.agent
     rules = policy.active_rules()
     waits = [w for w in (_until_threshold(v, maximum, rules) for v in views) if w is not None]

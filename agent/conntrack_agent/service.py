@@ -446,7 +446,7 @@ class Agent:
                 self._start_attribution(sample.soonest.netns, sample.soonest.count)
         # The calm namespaces this tick left, unless a threshold's crossing is predicted
         # sooner than the fast tick: that tick comes first (with 250 namespaces the reads
-        # took 10-20 ms on 2 vCPUs under a storm, and would delay it by as much), the
+        # took 3-17 ms on 2 vCPUs under a storm, and would delay it by as much), the
         # reads after it. Put off for a fast tick at most: read by the first tick after.
         fast = self.policy.agent.fast_interval
         if (interval >= fast or self.sampler.deferred_since is None
