@@ -277,8 +277,13 @@ def _orphans(sample: Sample, policy: Policy, memory: Memory, env: Environment,
         ctx = Context(sample, policy, memory, env, owned, dry_run=policy.agent.dry_run)
         if action.orphan_ready(o, ctx):
             due.setdefault(o.action, []).append(o)
-    memory = replace(memory, orphan_calm={k: v for k, v in calm_since.items() if k in orphan_keys},
-                     orphan_retry_at={k: v for k, v in memory.orphan_retry_at.items() if k in orphan_keys})
+    orphan_calm = {k: v for k, v in calm_since.items() if k in orphan_keys}
+    orphan_retry_at = {k: v for k, v in memory.orphan_retry_at.items() if k in orphan_keys}
+    # Most ticks (every tick of a storm, with the max owned) change neither: no new memory.
+    if orphan_calm != memory.orphan_calm or orphan_retry_at != memory.orphan_retry_at:
+        memory = replace(memory, orphan_calm=orphan_calm, orphan_retry_at=orphan_retry_at)
+    if not due:
+        return adopted, memory
     out: List[Decision] = adopted
     ctx = Context(sample, policy, memory, env, owned, dry_run=policy.agent.dry_run)
     for kind, records in due.items():

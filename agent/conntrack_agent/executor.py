@@ -41,7 +41,7 @@ def sample_fields(sample: Optional[Sample]) -> Dict[str, Any]:
 
 def owned_records(journal: Any) -> tuple:
     """The journal as the pure core sees it."""
-    return tuple(Owned.of(c) for c in journal.entries())
+    return journal.converted(Owned.of)
 
 
 class Executor:

@@ -384,6 +384,7 @@ class ChangeJournal:
         # owned by this user: it is the StateDirectory= of the service.
         self.service_user = service_user
         self._changes: Dict[Tuple[str, str], Change] = {}
+        self._converted: Optional[Tuple[Any, Tuple[Any, ...]]] = None   # converted(): (convert, records)
         self._loaded = False
         # After a load that found problems without quarantining (root's restore):
         # ("copy", raw bytes, (dev, ino)) or ("rename", None, (dev, ino)). The first
@@ -404,12 +405,22 @@ class ChangeJournal:
         """A copy of the records (copies too), in insertion order."""
         return [replace(c) for c in self._changes.values()]
 
+    def converted(self, convert: Any) -> Tuple[Any, ...]:
+        """Every record through `convert` (which must copy what it keeps), in order; made
+        again only after the records changed. The tick asks for them every time (the core
+        sees them as actions.base.Owned): entries() copied every record at every tick,
+        0.17 ms of a 1.7 ms tick under cProfile in a storm."""
+        if self._converted is None or self._converted[0] is not convert:
+            self._converted = (convert, tuple(convert(c) for c in self._changes.values()))
+        return self._converted[1]
+
     def __len__(self) -> int:
         return len(self._changes)
 
     def load(self, quarantine: bool = True) -> LoadReport:
         """Read the file. Bad content never raises: see the module doc and LoadReport."""
         self._changes, self._loaded, self._preserve = {}, False, None
+        self._converted = None
         report = LoadReport()
         base = self._base()
         dfd = self._open_dir(create=False)
@@ -447,6 +458,7 @@ class ChangeJournal:
                     self._preserve = ("rename", None, identity)
             else:
                 self._changes = parsed.changes
+                self._converted = None
                 report.problems.extend(parsed.problems)
                 report.dropped.extend(parsed.dropped)
                 if parsed.dropped:
@@ -630,6 +642,7 @@ class ChangeJournal:
         """Apply updates (None removes) and save; on failure memory is put back,
         so a JournalError always means nothing changed."""
         before = dict(self._changes)
+        self._converted = None
         for key, change in updates.items():
             if change is None:
                 self._changes.pop(key, None)

@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator, List
+from typing import Callable, Iterator, List, Tuple
 
 import pytest
 
@@ -779,3 +779,36 @@ def test_an_io_error_while_reading_raises(path: str, monkeypatch: pytest.MonkeyP
         ChangeJournal(path).load()
     monkeypatch.undo()
     assert len(loaded(path).entries()) == 1   # not quarantined over an I/O error
+
+
+def test_the_converted_records_follow_every_change_and_are_made_once_per_change(
+        path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    j = loaded(path)
+    made: List[str] = []
+
+    def convert(change: Change) -> Tuple[str, int]:
+        made.append(change.name)
+        return (change.name, change.applied)
+
+    assert j.converted(convert) == ()
+    token = j.begin("", "nf_conntrack_max", "raise_max", 1, 2, "r")
+    assert j.converted(convert) == (("nf_conntrack_max", 2),)
+    j.confirm(token, 3)
+    first = j.converted(convert)
+    assert first == (("nf_conntrack_max", 3),) and j.converted(convert) is first   # not made again
+    assert made == ["nf_conntrack_max", "nf_conntrack_max"]
+    j.rollback(j.begin("", "nf_conntrack_buckets", "resize_buckets", 8, 16, "r"))
+    assert j.converted(convert) == (("nf_conntrack_max", 3),)
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(journal.os, "replace", full)
+    with pytest.raises(JournalError):
+        j.forget("", "nf_conntrack_max")                  # not saved: the record stays
+    assert j.converted(convert) == (("nf_conntrack_max", 3),)
+    monkeypatch.undo()
+    j.forget("", "nf_conntrack_max")
+    assert j.converted(convert) == ()
+    fresh = loaded(path)
+    assert fresh.converted(convert) == ()
