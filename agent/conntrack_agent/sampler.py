@@ -135,10 +135,14 @@ class Sampler:
         paced = self.pace is not None and only is None and not counters and len(self.probes) > 1
         next_read = self._next_read
         known = self._views
-        to_read = {name for name in self.probes
-                   if name not in known
-                   or not ((only is not None and name not in only)
-                           or (paced and now < next_read.get(name, 0.0) and now < due.get(name, 0.0)))}
+        to_read: Collection[str]
+        if only is None and not paced:
+            to_read = self.probes   # every one (one namespace watched: each sample)
+        else:
+            to_read = {name for name in self.probes
+                       if name not in known
+                       or not ((only is not None and name not in only)
+                               or (paced and now < next_read.get(name, 0.0) and now < due.get(name, 0.0)))}
         if defer and paced and self.urgent is not None and len(to_read) > 1:
             hot = {name for name in to_read if name not in known or self.urgent(known[name])}
             if hot and len(hot) < len(to_read):
@@ -146,7 +150,7 @@ class Sampler:
                     self.deferred_since = now
                 self._deferred = [name for name in self.probes if name in to_read and name not in hot]
                 to_read = hot
-        if defer and to_read.issuperset(self._deferred):
+        if defer and self._deferred and all(name in to_read for name in self._deferred):
             self._deferred, self.deferred_since = [], None   # read now after all
         fresh = 0
         for name, probe in list(self.probes.items()):
