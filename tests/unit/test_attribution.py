@@ -233,19 +233,25 @@ def test_past_the_time_budget_the_rest_is_drained_unparsed():
     assert not fake.closed
 
 
-def test_a_drain_over_budget_closes_the_socket_and_says_so():
-    entries = population(5000)
+def closed_pass(drain_budget: float):
+    """A pass over 5000 entries, 100 a chunk at 10 ms a chunk, whose decoding stops after
+    15 ms (two chunks) and whose socket is closed unfinished. Returns (result, socket)."""
     clock = Clock()
-    fake = ScriptedSocket(entries, per_chunk=100, clock=clock, recv_cost=0.01)
+    fake = ScriptedSocket(population(5000), per_chunk=100, clock=clock, recv_cost=0.01)
     ct = CtnetlinkSocket.from_socket(fake)
-    a = A.attribute(ct, time_budget=0.015, drain_budget=0.1, expected=5000, clock=clock)
+    a = A.attribute(ct, time_budget=0.015, drain_budget=drain_budget, expected=5000, clock=clock)
     assert a.closed and not a.complete and fake.closed
     assert a.total == 5000 and a.sampled == 200 and a.scale == 25.0
+    with pytest.raises(ValueError):
+        ct.fileno()
+    return a, fake
+
+
+def test_a_drain_over_budget_closes_the_socket_and_says_so():
+    a, fake = closed_pass(drain_budget=0.1)
     assert "socket closed" in a.note
     # Predicted, not waited for: 100 entries per 10 ms cannot drain 4800 in 100 ms.
     assert fake.recvs < 20
-    with pytest.raises(ValueError):
-        ct.fileno()
 
 
 def test_messages_of_another_request_are_not_counted():
@@ -339,14 +345,8 @@ def test_frame_of_an_incomplete_pass_says_so():
 
 
 def test_with_no_drain_budget_the_socket_is_closed_as_soon_as_decoding_stops():
-    entries = population(5000)
-    clock = Clock()
-    fake = ScriptedSocket(entries, per_chunk=100, clock=clock, recv_cost=0.01)
-    ct = CtnetlinkSocket.from_socket(fake)
-    a = A.attribute(ct, time_budget=0.015, drain_budget=0.0, expected=5000, clock=clock)
-    assert a.closed and not a.complete and fake.closed
+    a, fake = closed_pass(drain_budget=0.0)
     assert fake.recvs == 2                               # the two chunks decoding had time for
-    assert a.total == 5000 and a.sampled == 200 and a.scale == 25.0
     assert "4800 entries unread" in a.note
 
 
