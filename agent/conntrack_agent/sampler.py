@@ -225,7 +225,10 @@ class Sampler:
                                              for k in set(view.deltas) | set(shown)})
         self._views[name] = view
         self._carried.pop(name, None)
-        if self.pace is not None:
+        if self.pace is not None and len(self.probes) > 1:
+            # One namespace alone is read at every tick: its pace would go unused (with the
+            # prediction it cost 0.1 ms of a 1.6 ms tick under cProfile in a storm). A second
+            # one appearing reads it at once (no pace yet), then paces it.
             self._next_read[name] = now + self.pace(view, reading.max) - _PACE_SLACK
         return reading, view
 

@@ -411,3 +411,26 @@ def test_the_calm_reads_wait_no_longer_than_a_fast_tick_for_predicted_ones(tmp_p
     # tick after it (that tick itself predicted, so sooner than a fast tick later).
     assert fast - 1e-9 <= r.clock.now - started < 2 * fast
     assert not r.events.of("raise_max")
+
+
+def test_one_namespace_alone_is_not_paced_and_a_second_one_is():
+    kernel = FakeKernel(maximum=32768)
+    kernel.add_namespace("a")
+    kernel.add_namespace("b")
+    clock = Clock()
+    asked: List[str] = []
+    sampler = Sampler(("a",), 0.5, clock, kernel=kernel, pace=lambda view, m: asked.append(view.netns) or 0.2)
+    sampler.open_missing()
+    for _ in range(5):
+        sampler.sample()
+        clock.now += 0.05
+    assert asked == [] and sampler.probes["a"].reads == 5    # read at every tick, no pace asked
+    sampler.set_namespaces(("a", "b"))
+    sampler.open_missing()
+    sampler.sample()
+    assert sorted(asked) == ["a", "b"]
+    clock.now += 0.05
+    before = reads(sampler)
+    sampler.sample()                                      # both paced now: 200 ms, none due
+    after = reads(sampler)
+    assert sum(after.values()) - sum(before.values()) == 1   # only the fullest, as a tick with nothing due
