@@ -812,3 +812,59 @@ def test_the_converted_records_follow_every_change_and_are_made_once_per_change(
     assert j.converted(convert) == ()
     fresh = loaded(path)
     assert fresh.converted(convert) == ()
+
+
+BOOT_A = "0d9f3c2e-5b7a-4e61-9c1d-2a8b6f4e7c10"
+BOOT_B = "7c1e2d3f-4a5b-4c6d-8e9f-a0b1c2d3e4f5"
+
+
+def test_records_are_tagged_with_their_boot_and_another_boot_says_so(path: str) -> None:
+    j = ChangeJournal(path, boot_id=BOOT_A)
+    j.load()
+    j.confirm(j.begin("", "nf_conntrack_max", "raise_max", 1, 2, "r"), 2)
+    assert on_disk(path)["boot_id"] == BOOT_A
+    same = ChangeJournal(path, boot_id=BOOT_A)
+    assert same.load().problems == [] and same.earlier_boot is None and len(same) == 1
+    other = ChangeJournal(path, boot_id=BOOT_B)
+    other.load()
+    assert other.earlier_boot == BOOT_A and len(other) == 1   # kept for the caller to forget, logged
+    other.forget("", "nf_conntrack_max")
+    assert on_disk(path) == {"version": 2, "boot_id": BOOT_B, "changes": []}
+    # A journal that does not know its boot writes no tag and takes any file as its own.
+    untagged = ChangeJournal(path)
+    untagged.load()
+    assert untagged.earlier_boot is None
+    untagged.confirm(untagged.begin("", "nf_conntrack_max", "raise_max", 1, 2, "r"), 2)
+    assert "boot_id" not in on_disk(path)
+
+
+def test_a_file_without_a_boot_or_with_a_bad_one_is_taken_as_of_this_boot(path: str) -> None:
+    v2_file(path, [v2_record()])                          # written before the tag existed
+    j = ChangeJournal(path, boot_id=BOOT_B)
+    assert j.load().problems == [] and j.earlier_boot is None and len(j) == 1
+    Path(path).write_text(json.dumps({"version": 2, "boot_id": "../../etc", "changes": [v2_record()]}))
+    j = ChangeJournal(path, boot_id=BOOT_B)
+    report = j.load(quarantine=False)
+    assert j.earlier_boot is None and len(j) == 1
+    assert any("boot_id" in p and "ignored" in p for p in report.problems)
+
+
+def test_restore_after_a_reboot_writes_nothing_and_drops_the_records(
+        state_dir: Path, path: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from conntrack_agent import cli, kernel
+
+    j = ChangeJournal(path, boot_id=BOOT_A)
+    j.load()
+    j.confirm(j.begin("", "nf_conntrack_max", "raise_max", 262144, 524288, "r"), 524288)
+    policy = state_dir / "policy.toml"
+    policy.write_text('[agent]\nstate_file = "%s"\n' % path)
+
+    def untouchable(*args: object) -> None:
+        raise AssertionError("restore touched a sysctl of a kernel that rebooted since")
+
+    monkeypatch.setattr(kernel.LinuxKernel, "boot_id", lambda self: BOOT_B)
+    monkeypatch.setattr(kernel.LinuxKernel, "read_sysctl", untouchable)
+    monkeypatch.setattr(kernel.LinuxKernel, "write_sysctl", untouchable)
+    assert cli.main(["restore", "-c", str(policy)]) == cli.EXIT_OK
+    assert "recorded before the node last booted" in capsys.readouterr().out
+    assert on_disk(path)["changes"] == []
