@@ -437,13 +437,6 @@ class ChangeJournal:
             self._converted = (convert, tuple(convert(c) for c in self._changes.values()))
         return self._converted[1]
 
-    def leave_out_earlier_boot(self) -> None:
-        """For a reader that must not write (the CLI's read-only view): records of an
-        earlier boot are left out of this object only; the file keeps them until the
-        agent's next start forgets them, and says so in its log."""
-        if self.earlier_boot is not None:
-            self._changes, self._converted = {}, None
-
     def __len__(self) -> int:
         return len(self._changes)
 

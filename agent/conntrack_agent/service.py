@@ -163,8 +163,6 @@ class Agent:
         kept, the file is moved aside, and the loss is logged at err."""
         journal = ChangeJournal(self.policy.agent.state_file, boot_id=self.kernel.boot_id())
         report = journal.load(quarantine=not self.read_only)
-        if self.read_only:
-            journal.leave_out_earlier_boot()   # nothing of them is on the node any more
         if report.problems and not self.read_only:
             where = f"moved aside to {report.quarantined}" if report.quarantined else "left in place"
             lost = "; ".join(report.dropped) or "nothing recoverable"

@@ -361,21 +361,6 @@ def test_records_of_an_earlier_boot_are_forgotten_even_where_the_value_matches(t
     assert skipped and "before the node last booted" in skipped[-1]["reason"]
 
 
-def test_the_read_only_view_shows_no_record_of_an_earlier_boot_and_keeps_the_file(tmp_path):
-    rig = Rig(tmp_path)
-    rig.write_policy()
-    rig.start()
-    rig.set_count(700)
-    rig.run_for(1)
-    before = rig.state.read_bytes()
-    assert rig.agent.report()["owned"]
-    rig.kernel.boot = "7c1e2d3f-4a5b-4c6d-8e9f-a0b1c2d3e4f5"   # a reboot; `status` before the agent starts
-    view = service.Agent(str(rig.policy), True, rig.events, clock=rig.clock, kernel=rig.kernel, read_only=True)
-    view.start()
-    assert view.report()["owned"] == []
-    assert rig.state.read_bytes() == before
-
-
 def test_a_global_write_outside_the_initial_namespace_is_a_permanent_refusal(tmp_path):
     kernel = FakeKernel(maximum=1000)
     rig = Rig(tmp_path, kernel)
