@@ -109,7 +109,6 @@ class FakeKernel(Kernel):
         self.evictions: List[Tuple[str, bool]] = []
         self.probes_opened = 0
         self.attributions: List[str] = []
-        self.boot = "0d9f3c2e-5b7a-4e61-9c1d-2a8b6f4e7c10"   # a reboot: a new id here, as the kernel does
 
     # ------------------------------------------------------------------ set-up and injection
 
@@ -185,9 +184,6 @@ class FakeKernel(Kernel):
 
     def entry_bytes(self) -> Optional[int]:
         return self._entry_bytes
-
-    def boot_id(self) -> Optional[str]:
-        return self.boot
 
     def attribute(self, netns_name: str, count: Optional[int] = None) -> Any:
         ns = self._namespace(netns_name)

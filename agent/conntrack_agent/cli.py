@@ -516,8 +516,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     policy = _load_or_report(args, "; restore takes the state file's path from it")
     if policy is None:
         return EXIT_CONFIG
-    kernel = LinuxKernel()
-    journal = ChangeJournal(policy.agent.state_file, boot_id=kernel.boot_id())
+    journal = ChangeJournal(policy.agent.state_file)
     try:
         loaded = journal.load(quarantine=False)
     except JournalError as exc:
@@ -528,15 +527,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if not journal.entries():
         print(f"nothing to restore ({policy.agent.state_file} records no change)")
         return EXIT_FAIL if loaded.problems else EXIT_OK
-    if journal.earlier_boot is not None:
-        # The reboot put every value back already: writing the "originals" now could only
-        # undo what the node boots with (journal.py's docstring).
-        for change in journal.entries():
-            where = f"{change.name}" + (f" in netns {change.netns}" if change.netns else "")
-            print(f"{where}: recorded before the node last booted; the reboot already put it back, "
-                  "nothing to restore (the record is dropped)")
-            journal.forget(change.netns, change.name)
-        return EXIT_OK
+    kernel = LinuxKernel()
     order = list(actions.REGISTRY)   # timeouts, then the max, then the buckets it needed
     failures = 0
     for change in sorted(journal.entries(), key=lambda c: order.index(c.action) if c.action in order else len(order)):

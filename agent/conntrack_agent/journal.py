@@ -16,8 +16,8 @@ with no fsync: under a storm's load an fsync of this file and its directory took
 2–11 ms (each of the two saves around a raise, on ext4 over virtio, measured in
 bench/storm.py's runs by timing the agent's own saves), all of it between the
 decision and the kernel taking the new max. After a power cut the file may be an
-older one (its records are of an earlier boot, and forgotten as such: `boot_id`
-below) or unreadable (quarantined and logged).
+older one (its records are of a kernel that is gone; the start forgets values
+that are back at their originals) or unreadable (quarantined and logged).
 
 Two different processes use the file, and both are defended here:
 
@@ -32,19 +32,11 @@ Two different processes use the file, and both are defended here:
   "../../proc/1/ns/net" would have root enter PID 1's namespace).
 
 File format (version 2), one record per line for people reading it:
-    {"version": 2, "boot_id": "9f1c…", "changes": [
+    {"version": 2, "changes": [
     {"action": "raise_max", "applied": 524288, "name": "nf_conntrack_max", ...},
     ...
     ]}
 Version 1 files (no action, restore_after, restore_below, pending) still load.
-
-`boot_id` is the kernel's id of the boot whose values the records describe (the
-agent's journal has one, /proc/sys/kernel/random/boot_id). A file loaded in
-another boot reports it (`earlier_boot`): the reboot put every value back to what
-the node boots with, so its records describe nothing that is still there, even
-where a value happens to equal the agent's (an operator who made the agent's
-raise permanent in sysctl.d: "restoring" it would undo their setting). A file
-without the key (written before it existed) is taken as of this boot.
 """
 
 from __future__ import annotations
@@ -280,10 +272,6 @@ class _Parsed:
     problems: List[str]
     dropped: List[str]
     unusable: Optional[str] = None      # why the whole file is unusable, if it is
-    boot_id: Optional[str] = None       # the boot its records are of, when the file says
-
-
-_BOOT_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def parse(raw: bytes, label: str = "state file") -> _Parsed:
@@ -315,14 +303,7 @@ def parse(raw: bytes, label: str = "state file") -> _Parsed:
     records = data.get("changes")
     if not isinstance(records, list):
         return unusable(f"changes: expected an array, found {_describe(records)}")
-    boot = data.get("boot_id")
-    if boot is not None:
-        if isinstance(boot, str) and _BOOT_ID.fullmatch(boot):
-            out.boot_id = boot
-        else:
-            out.problems.append(f"{label}: boot_id: expected a boot id like /proc/sys/kernel/random/boot_id, "
-                                f"found {_describe(boot)}; ignored (the records are taken as of this boot)")
-    extra = sorted(k for k in data if k not in ("version", "changes", "boot_id"))
+    extra = sorted(k for k in data if k not in ("version", "changes"))
     if extra:
         out.problems.append(f"{label}: ignored unknown keys {', '.join(_describe(k) for k in extra[:10])}")
     if len(records) > MAX_RECORDS:
@@ -397,12 +378,8 @@ def _service_uid(user: str) -> Optional[int]:
 
 
 class ChangeJournal:
-    def __init__(self, path: str, *, service_user: str = SERVICE_USER, boot_id: Optional[str] = None) -> None:
+    def __init__(self, path: str, *, service_user: str = SERVICE_USER) -> None:
         self.path = path
-        # This boot's id (kernel.boot_id()), written with the records; None: not tagged.
-        self.boot_id = boot_id if boot_id is not None and _BOOT_ID.fullmatch(boot_id) else None
-        # After load(): the boot id the file's records are of, when that is another boot.
-        self.earlier_boot: Optional[str] = None
         # Besides root and the effective uid, root's `restore` accepts a directory
         # owned by this user: it is the StateDirectory= of the service.
         self.service_user = service_user
@@ -444,7 +421,6 @@ class ChangeJournal:
         """Read the file. Bad content never raises: see the module doc and LoadReport."""
         self._changes, self._loaded, self._preserve = {}, False, None
         self._converted = None
-        self.earlier_boot = None
         report = LoadReport()
         base = self._base()
         dfd = self._open_dir(create=False)
@@ -483,8 +459,6 @@ class ChangeJournal:
             else:
                 self._changes = parsed.changes
                 self._converted = None
-                if self.boot_id is not None and parsed.boot_id not in (None, self.boot_id):
-                    self.earlier_boot = parsed.boot_id
                 report.problems.extend(parsed.problems)
                 report.dropped.extend(parsed.dropped)
                 if parsed.dropped:
@@ -704,8 +678,7 @@ class ChangeJournal:
                                    "refusing to replace it (move it away)")
             lines = [json.dumps(asdict(c), sort_keys=True, separators=(",", ":"), allow_nan=False)
                      for c in self._changes.values()]
-            boot = f'"boot_id": "{self.boot_id}", ' if self.boot_id is not None else ""
-            payload = (f'{{"version": {SCHEMA_VERSION}, {boot}"changes": [\n' + ",\n".join(lines)
+            payload = (f'{{"version": {SCHEMA_VERSION}, "changes": [\n' + ",\n".join(lines)
                        + ("\n" if lines else "") + "]}\n").encode()
             temp = None
             for _ in range(_TEMP_ATTEMPTS):

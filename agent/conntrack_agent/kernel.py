@@ -118,10 +118,6 @@ class Kernel:
         """The slab's bytes per conntrack entry; None when unreadable."""
         raise NotImplementedError
 
-    def boot_id(self) -> Optional[str]:
-        """This boot's id: the change journal's records are of one boot's kernel values."""
-        raise NotImplementedError
-
     def evict(self, spec: Any, netns_name: str, dry_run: bool, usage: Callable[[], float], log: Any) -> Any:
         raise NotImplementedError
 
@@ -246,9 +242,6 @@ class LinuxKernel(Kernel):
 
     def entry_bytes(self) -> Optional[int]:
         return procfs.slab_object_size()
-
-    def boot_id(self) -> Optional[str]:
-        return procfs.boot_id()
 
     def evict(self, spec: Any, netns_name: str, dry_run: bool, usage: Callable[[], float], log: Any) -> Any:
         from . import evict  # the engine and its codec load only when a sweep runs

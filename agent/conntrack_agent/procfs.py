@@ -120,15 +120,6 @@ def mem_total() -> int:
     raise OSError(errno.ENOENT, "MemTotal missing from /proc/meminfo")
 
 
-def boot_id() -> Optional[str]:
-    """The kernel's random id of this boot (a new one at every boot); None when unreadable."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
-            return f.read(64).decode("ascii").strip() or None
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
 def slab_object_size(name: str = "nf_conntrack") -> Optional[int]:
     """The kernel's object size for a slab cache; None when unreadable (root only)."""
     try:

@@ -161,7 +161,7 @@ class Agent:
     def _open_journal(self) -> ChangeJournal:
         """The change journal. A damaged file never stops the agent: what can be read is
         kept, the file is moved aside, and the loss is logged at err."""
-        journal = ChangeJournal(self.policy.agent.state_file, boot_id=self.kernel.boot_id())
+        journal = ChangeJournal(self.policy.agent.state_file)
         report = journal.load(quarantine=not self.read_only)
         if report.problems and not self.read_only:
             where = f"moved aside to {report.quarantined}" if report.quarantined else "left in place"
@@ -356,17 +356,6 @@ class Agent:
         """After a start: keep owning what is still the agent's value, settle writes a
         kill interrupted, forget what a reboot or another writer replaced. Changes no
         rule claims any more are left to the core, which restores them as orphans."""
-        if self.journal.earlier_boot is not None:
-            # Recorded in another boot: the reboot put every value back to what the node
-            # boots with; none of them is the agent's to restore, even one that happens to
-            # equal what the agent had set (the operator may have made it permanent).
-            for change in self.journal.entries():
-                logsetup.emit(self.log, "restore_skipped", netns=change.netns, netns_label=netns_label(change.netns),
-                              name=change.name, reason=f"recorded before the node last booted (boot "
-                              f"{self.journal.earlier_boot}): the kernel's value is the node's own since; "
-                              "forgetting the saved original")
-                self.journal.forget(change.netns, change.name)
-            return
         for change in self.journal.entries():
             try:
                 current = self.kernel.read_sysctl(change.netns, change.name)

@@ -341,26 +341,6 @@ def test_a_kill_between_the_record_and_the_write_is_settled_at_the_next_start(tm
     assert rig.udp() == 30
 
 
-def test_records_of_an_earlier_boot_are_forgotten_even_where_the_value_matches(tmp_path):
-    """After a reboot every value is what the node boots with: an operator who made the
-    agent's shortened timeout permanent must not have it "restored" by the agent."""
-    rig = Rig(tmp_path)
-    rig.write_policy()
-    rig.start()
-    rig.set_count(700)
-    rig.run_for(1)
-    assert rig.udp() == 10 and rig.journal().get("", UDP) is not None
-    rig.kernel.boot = "7c1e2d3f-4a5b-4c6d-8e9f-a0b1c2d3e4f5"   # a reboot; the node's sysctl.d sets 10
-    rig.set_count(0)
-    writes = len(rig.kernel.writes)
-    rig.start()
-    rig.run_for(5)                          # calm for longer than the rule's restore_after (3s)
-    assert rig.udp() == 10 and rig.kernel.writes[writes:] == []
-    assert rig.journal().entries() == []
-    skipped = rig.events.of("restore_skipped")
-    assert skipped and "before the node last booted" in skipped[-1]["reason"]
-
-
 def test_a_global_write_outside_the_initial_namespace_is_a_permanent_refusal(tmp_path):
     kernel = FakeKernel(maximum=1000)
     rig = Rig(tmp_path, kernel)
