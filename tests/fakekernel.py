@@ -85,7 +85,7 @@ class FakeProbe(Probe):
         # With cached_counters the fake reads the counters when LinuxProbe would (asked,
         # a first read, a table near full); otherwise every read sees them fresh.
         if (not self.kernel.cached_counters or counters or self._counters is None
-                or count >= kernel_module.COUNTERS_EVERY_TICK_FROM * maximum):   # kernel.counters_needed
+                or kernel_module.counters_needed(count, maximum)):
             self._counters = dict(ns.counters)
             self.counter_reads += 1
         return model.Reading(self.name, now(), count, maximum, self.kernel.globals["nf_conntrack_buckets"],

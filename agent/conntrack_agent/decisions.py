@@ -393,20 +393,16 @@ def _until_threshold(view: NamespaceView, maximum: int, rules: Sequence[Rule]) -
     rate = view.slope
     if rate <= 0:
         return None
-    soonest: Optional[float] = None
+    ahead = []   # the counts at which a threshold not yet crossed will be
     for rule in rules:
         trigger = rule.trigger
         if trigger.usage_at_least is not None:
-            wait = (trigger.usage_at_least * maximum - view.count) / rate
-            if wait > 0 and (soonest is None or wait < soonest):
-                soonest = wait
+            ahead.append(trigger.usage_at_least * maximum)
         if trigger.time_to_full_below is not None:
             # ttf = (max - count) / rate < bound once count > max - bound x rate
-            at = max(trigger.time_to_full_min_usage * maximum, maximum - trigger.time_to_full_below * rate)
-            wait = (at - view.count) / rate
-            if wait > 0 and (soonest is None or wait < soonest):
-                soonest = wait
-    return soonest
+            ahead.append(max(trigger.time_to_full_min_usage * maximum, maximum - trigger.time_to_full_below * rate))
+    waits = [(at - view.count) / rate for at in ahead if at > view.count]
+    return min(waits) if waits else None
 
 
 def _fast(views: Sequence[NamespaceView], maximum: int, policy: Policy) -> float:
@@ -461,7 +457,6 @@ def namespace_interval(view: NamespaceView, maximum: int, policy: Policy) -> flo
     it the only one watched. The sampler reads a namespace no more often (unless its
     counters fall due), so with hundreds watched and one storming the fast tick re-reads
     the busy one every time and each calm one as often as its own free room asks."""
-    agent = policy.agent
-    if _busy(view.usage, view.time_to_full, view.deltas, agent):
+    if namespace_busy(view, policy):
         return _fast((view,), maximum, policy)
-    return _calm(view.count, maximum, agent)
+    return _calm(view.count, maximum, policy.agent)

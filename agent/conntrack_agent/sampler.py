@@ -219,10 +219,10 @@ class Sampler:
         if name in self._pending:
             # catch_up() read it and no sample has shown that yet: keep those deltas too.
             self._pending.discard(name)
-            shown = self._views[name].deltas
-            if shown:
-                view = view._replace(deltas={k: view.deltas.get(k, 0) + shown.get(k, 0)
-                                             for k in set(view.deltas) | set(shown)})
+            unshown = self._views[name].deltas
+            if unshown:
+                view = view._replace(deltas={k: view.deltas.get(k, 0) + unshown.get(k, 0)
+                                             for k in set(view.deltas) | set(unshown)})
         self._views[name] = view
         self._carried.pop(name, None)
         if self.pace is not None and len(self.probes) > 1:

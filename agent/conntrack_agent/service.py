@@ -611,15 +611,9 @@ class Agent:
         except Exception:
             opened = (self.sampler, self.discovery)
             before.restore(self)
-            if opened[0] is not None and opened[0] is not before.sampler:
-                opened[0].close()
-            if opened[1] is not None and opened[1] is not before.discovery:
-                opened[1].close()
+            _close_replaced(opened, (before.sampler, before.discovery))
             raise
-        if before.sampler is not None and before.sampler is not self.sampler:
-            before.sampler.close()
-        if before.discovery is not None and before.discovery is not self.discovery:
-            before.discovery.close()
+        _close_replaced((before.sampler, before.discovery), (self.sampler, self.discovery))
         logsetup.emit(self.log, "policy_loaded", self.policy.agent.dry_run, policy=self.policy_label, rules=rules)
         # An edited [baseline] applies now, not at the next module load or new namespace.
         try:
@@ -829,6 +823,13 @@ class Agent:
             self._metrics_server = None
         if self.sampler is not None:
             self.sampler.close()
+
+
+def _close_replaced(old: Sequence[Any], kept: Sequence[Any]) -> None:
+    """Close each of `old` (a sampler, a discovery) that is not the one kept in its place."""
+    for thing, keep in zip(old, kept):
+        if thing is not None and thing is not keep:
+            thing.close()
 
 
 class _Derived:

@@ -434,3 +434,15 @@ def test_one_namespace_alone_is_not_paced_and_a_second_one_is():
     sampler.sample()                                      # both paced now: 200 ms, none due
     after = reads(sampler)
     assert sum(after.values()) - sum(before.values()) == 1   # only the fullest, as a tick with nothing due
+
+
+def test_a_calm_namespace_gone_by_the_time_it_is_caught_up_is_dropped_not_raised():
+    kernel, sampler, clock, policy = urgent_rig()
+    clock.now += 0.1                                      # every calm one due
+    sampler.sample(defer=True)
+    assert "ns123" in sampler._deferred
+    kernel.remove_namespace("ns123")                      # deleted between the decision and the read
+    sampler.catch_up()
+    assert "ns123" not in sampler.probes and "ns123" in sampler.unavailable
+    clock.now += policy.agent.fast_interval
+    assert all(v.netns != "ns123" for v in sampler.sample(defer=True).namespaces)
