@@ -130,7 +130,11 @@ echo "uptime_at_run $(cut -d' ' -f1 /proc/uptime)"
 echo "kernel $(uname -r)"
 echo "lsmod_conntrack $(lsmod | grep -c '^nf_conntrack' || true)"
 echo "sysctl_result $(systemctl show -p Result --value systemd-sysctl.service)"
-journalctl -b -u systemd-sysctl.service --no-pager -o cat | sed 's/^/sysctl_log /'
+# By unit, and by the process's own name: journald attributes a line to the unit from the
+# sender's cgroup, which it may find gone when a short-lived process like systemd-sysctl
+# exits at once (a CI run under load saw only systemd's Starting/Finished lines).
+{ journalctl -b -u systemd-sysctl.service --no-pager -o cat
+  journalctl -b -t systemd-sysctl --no-pager -o cat; } | sed 's/^/sysctl_log /'
 PYTHONPATH=/share/agent python3 /share/probe.py %d
 echo boot-1 > /var/lib/ctatest-marker
 """ % ROUNDS
